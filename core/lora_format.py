@@ -1,0 +1,131 @@
+"""LoRA key formats, metadata and file I/O: the one place that knows how an adapter is written to disk.
+
+Files use kohya's Flux layout (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ``.lora_up.weight``,
+``.alpha``), which ComfyUI's LoraLoader, Forge, kohya and CivitAI all read.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import save_file
+
+KOHYA_PREFIX = "lora_unet_"
+DOWN = ".lora_down.weight"
+UP = ".lora_up.weight"
+ALPHA = ".alpha"
+
+
+def kohya_name(module_name: str) -> str:
+    """``double_blocks.0.img_attn.qkv`` -> ``lora_unet_double_blocks_0_img_attn_qkv``."""
+    return KOHYA_PREFIX + module_name.replace(".", "_")
+
+
+@dataclass
+class LoRAWeights:
+    """One adapter per module of the Flux transformer, keyed by the module's dotted name.
+
+    ``down`` is peft's ``lora_A`` ([rank, in]), ``up`` its ``lora_B`` ([out, rank]); the applied delta is
+    ``alpha / rank * up @ down``.
+    """
+
+    down: dict[str, torch.Tensor]
+    up: dict[str, torch.Tensor]
+    alpha: float
+    rank: int
+    info: dict[str, str] = field(default_factory=dict)
+
+    def to_kohya(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in sorted(self.down):
+            key = kohya_name(name)
+            out[key + DOWN] = self.down[name].detach().to("cpu", dtype).contiguous()
+            out[key + UP] = self.up[name].detach().to("cpu", dtype).contiguous()
+            out[key + ALPHA] = torch.tensor(float(self.alpha), dtype=dtype)
+        return out
+
+
+class TrainedLoRA(dict):
+    """ComfyUI's LORA_MODEL value (a dict of tensors) that also remembers how it was trained.
+
+    Core's "Load LoRA Model" and "Save LoRA Weights" see a plain dict; our save node reads ``info`` for the file's
+    metadata.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], info: dict[str, str]):
+        super().__init__(tensors)
+        self.info = dict(info)
+
+
+def lora_metadata(info: dict[str, str], title: str) -> dict[str, str]:
+    """kohya ``ss_*`` and SAI ModelSpec fields, so A1111/Forge, CivitAI and kohya tools describe the file."""
+    meta = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": "flux-1-dev/lora",
+        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        "modelspec.title": title,
+        "modelspec.date": datetime.date.today().isoformat(),
+        "ss_network_module": "networks.lora_flux",
+        "ss_base_model_version": "flux1",
+    }
+    meta.update({k: str(v) for k, v in info.items()})
+    return meta
+
+
+def next_free_path(directory: str, prefix: str, ext: str = ".safetensors") -> str:
+    """``<directory>/<prefix>_00001.safetensors``, numbered past every existing file of that prefix."""
+    base = os.path.basename(prefix)
+    folder = os.path.join(directory, os.path.dirname(prefix))
+    pattern = re.compile(re.escape(base) + r"_(\d{5})" + re.escape(ext) + "$")
+    taken = [int(m.group(1)) for f in (os.listdir(folder) if os.path.isdir(folder) else []) if (m := pattern.match(f))]
+    return os.path.join(folder, f"{base}_{max(taken, default=0) + 1:05d}{ext}")
+
+
+def save_new_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> str:
+    """Write ``tensors`` to ``path`` atomically, never replacing an existing file.
+
+    The data goes to a temporary file in the same folder first, then is hard-linked to ``path``: a link fails if
+    ``path`` exists, so a file that appeared meanwhile is kept and FileExistsError is raised.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".dev2pro-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        try:
+            os.link(tmp, path)
+        except OSError as e:
+            if isinstance(e, FileExistsError):
+                raise
+            # Filesystems without hard links: reserve the name exclusively, then move the data over it.
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# Suffixes ComfyUI's LoRA loader reads after a layer's prefix (comfy/lora.py and comfy/weight_adapter).
+LAYER_SUFFIXES = (
+    ".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".lora_A.weight", ".lora_B.weight",
+    ".alpha", ".dora_scale", ".diff", ".diff_b", ".set_weight", ".reshape_weight", ".w_norm", ".b_norm",
+)
+
+
+def layer_prefixes(tensors: dict) -> set[str]:
+    """The layer names a LoRA file addresses: ``lora_unet_x.lora_down.weight`` -> ``lora_unet_x``."""
+    prefixes = set()
+    for key in tensors:
+        for suffix in LAYER_SUFFIXES:
+            if key.endswith(suffix):
+                prefixes.add(key[: -len(suffix)])
+                break
+        else:
+            prefixes.add(key)
+    return prefixes

@@ -1,0 +1,101 @@
+"""Runs every test against the real ComfyUI found through COMFYUI_PATH (default ~/comfy/ComfyUI), on the CPU.
+
+ComfyUI's graph executor runs in-process as in its server (node code under torch.inference_mode()); models,
+inputs and outputs live in a temporary root so the ComfyUI install is never written to.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import uuid
+
+import pytest
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFYUI_PATH = os.path.expanduser(os.environ.get("COMFYUI_PATH", "~/comfy/ComfyUI"))
+if not os.path.isfile(os.path.join(COMFYUI_PATH, "main.py")):
+    raise pytest.UsageError(f"ComfyUI not found at {COMFYUI_PATH}: set COMFYUI_PATH to a ComfyUI 0.3.64 checkout. "
+                            "The tests run the real ComfyUI and never skip it.")
+sys.path.insert(0, COMFYUI_PATH)
+sys.path.insert(0, os.path.join(PACK_DIR, "scripts"))
+
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+import utils.extra_config  # noqa: E402,F401  (ComfyUI's utils package must be imported before nodes.py)
+import execution  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+import server  # noqa: E402
+
+MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders")
+
+
+class RecordingServer:
+    """Stands in for PromptServer: records what nodes and the executor send to the front end."""
+
+    def __init__(self):
+        self.client_id = "tests"
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class Comfy:
+    def __init__(self, root: str, pack):
+        self.root = root
+        self.pack = pack
+        self.server = RecordingServer()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+
+    def path(self, folder: str, *parts: str) -> str:
+        return os.path.join(self.root, "models", folder, *parts) if folder in MODEL_FOLDERS else os.path.join(self.root, folder, *parts)
+
+    def run(self, prompt: dict) -> dict:
+        """Validate and execute an API-format prompt; returns the history outputs. Raises with ComfyUI's error."""
+        prompt_id = str(uuid.uuid4())
+        ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not ok:
+            raise AssertionError(f"prompt failed validation: {error} {node_errors}")
+        assert node_errors == {}, node_errors
+        self.server.messages.clear()
+        server.PromptServer.instance = self.server
+        self.executor.execute(prompt, prompt_id, {"client_id": self.server.client_id}, outputs)
+        if not self.executor.success:
+            errors = [d for e, d in self.server.messages if e == "execution_error"]
+            raise ExecutionFailed(errors[0] if errors else self.server.messages)
+        return self.executor.history_result["outputs"]
+
+
+class ExecutionFailed(Exception):
+    @property
+    def message(self) -> str:
+        detail = self.args[0]
+        return detail.get("exception_message", str(detail)) if isinstance(detail, dict) else str(detail)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("comfy_root"))
+    for folder in MODEL_FOLDERS:
+        os.makedirs(os.path.join(root, "models", folder))
+        folder_paths.folder_names_and_paths[folder] = ([os.path.join(root, "models", folder)], folder_paths.supported_pt_extensions)
+    for name, setter in (("output", folder_paths.set_output_directory), ("input", folder_paths.set_input_directory),
+                         ("temp", folder_paths.set_temp_directory)):
+        os.makedirs(os.path.join(root, name))
+        setter(os.path.join(root, name))
+    logging.getLogger().setLevel(logging.ERROR)
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    assert asyncio.run(nodes.load_custom_node(PACK_DIR)), "dev2pro-lora failed to load as a custom node"
+    assert asyncio.run(nodes.load_custom_node(os.path.join(PACK_DIR, "tests", "testing_pack")))
+    pack = sys.modules[PACK_DIR.replace(".", "_x_")]
+    return Comfy(root, pack)

@@ -1,0 +1,47 @@
+"""Test-only nodes, loaded beside dev2pro-lora in the tests: seeded random conditioning and latents, so graphs can
+feed tiny random Flux models without a 4.7B-parameter T5-XXL. The pack's own nodes stay real."""
+import torch
+
+
+class TestDev2ProConditioning:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "context_dim": ("INT", {"default": 48, "min": 1, "max": 8192}),
+            "pooled_dim": ("INT", {"default": 32, "min": 1, "max": 8192}),
+            "tokens": ("INT", {"default": 8, "min": 1, "max": 512}),
+            "count": ("INT", {"default": 1, "min": 1, "max": 64}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+            "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0}),
+        }}
+
+    def make(self, context_dim, pooled_dim, tokens, count, seed, guidance):
+        g = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, tokens, context_dim, generator=g),
+                  {"pooled_output": torch.randn(1, pooled_dim, generator=g), "guidance": guidance}]
+                 for _ in range(count)],)
+
+
+class TestDev2ProLatents:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "count": ("INT", {"default": 2, "min": 1, "max": 64}),
+            "size": ("INT", {"default": 8, "min": 2, "max": 256}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+        }}
+
+    def make(self, count, size, seed):
+        g = torch.Generator().manual_seed(seed)
+        return ({"samples": torch.randn(count, 16, size, size, generator=g)},)
+
+
+NODE_CLASS_MAPPINGS = {"TestDev2ProConditioning": TestDev2ProConditioning, "TestDev2ProLatents": TestDev2ProLatents}
