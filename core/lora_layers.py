@@ -53,6 +53,7 @@ def lora_injected(model: torch.nn.Module, rank: int, alpha: float, seed: int):
     if not originals:
         raise ValueError("no LoRA target layers found: the model is not a Flux transformer with double/single blocks")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES, lora_dropout=0.0, bias="none")
+    attributes = set(vars(model))  # peft also leaves bookkeeping (peft_config) on the model it injects into
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         layers = _lora_layers(model)
@@ -65,6 +66,8 @@ def lora_injected(model: torch.nn.Module, rank: int, alpha: float, seed: int):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, original)
+        for name in set(vars(model)) - attributes:
+            delattr(model, name)
 
 
 def _is_target(name: str, module: torch.nn.Module) -> bool:

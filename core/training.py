@@ -74,27 +74,63 @@ def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator) 
     return shift * t / (1 + (shift - 1) * t)
 
 
-def _block_replacements(model: torch.nn.Module, use_checkpoint: bool) -> dict:
-    """ComfyUI ``patches_replace`` entries that run each transformer block on copies of its inputs.
+def _call_on_copies(block_call, streams: list[torch.Tensor], use_checkpoint: bool):
+    """Run ``block_call(*copies)`` where the copies are the block's input streams, safely for autograd.
 
-    Flux's blocks add into their inputs in place (``txt += ...``, ``x += ...``), which autograd rejects when the
-    input is also saved for backward; the copy happens inside the (optionally checkpointed) function so that the
-    recomputation in backward sees the same values. Using ComfyUI's own hook leaves the modules untouched.
+    Flux's blocks add into their inputs in place (``txt += ...``, ``x += ...``) after normalising them, and the
+    normalisation saved the input for backward. With checkpointing the copies are made inside the recomputed
+    function, so backward recomputes from unmodified inputs. Without it, every tensor saved for backward that
+    shares memory with a copy is itself copied when saved, so the later in-place add cannot invalidate it.
     """
 
-    def replace(args, extra):
-        streams = [k for k in ("img", "txt") if k in args]
-
-        def run(*tensors):
-            return extra["original_block"]({**args, **{k: t.clone() for k, t in zip(streams, tensors)}})
-
-        inputs = [args[k] for k in streams]
+    def run(*inputs):
+        copies = [t.clone() for t in inputs]
         if use_checkpoint:
-            return checkpoint(run, *inputs, use_reentrant=False)
-        return run(*inputs)
+            return block_call(*copies)
+        mutated = {c.untyped_storage().data_ptr() for c in copies}
 
-    dit = {("double_block", i): replace for i in range(len(model.double_blocks))}
-    dit.update({("single_block", i): replace for i in range(len(model.single_blocks))})
+        def pack(t):
+            return t.clone() if t.untyped_storage().data_ptr() in mutated else t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return block_call(*copies)
+
+    if use_checkpoint:
+        return checkpoint(run, *streams, use_reentrant=False)
+    return run(*streams)
+
+
+def _block_replacements(model: torch.nn.Module, use_checkpoint: bool) -> dict:
+    """ComfyUI ``patches_replace`` entries that run each transformer block through ``_call_on_copies``.
+
+    Using ComfyUI's own hook leaves the modules untouched. Each entry binds its block itself: ComfyUI's
+    ``original_block`` closes over its loop variable, so calling it again during backward's recomputation would
+    run the last block instead.
+    """
+
+    def double(block):
+        def replace(args, extra):
+            def call(img, txt):
+                return block(img=img, txt=txt, vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
+                             transformer_options=args.get("transformer_options"))
+
+            img, txt = _call_on_copies(call, [args["img"], args["txt"]], use_checkpoint)
+            return {"img": img, "txt": txt}
+
+        return replace
+
+    def single(block):
+        def replace(args, extra):
+            def call(img):
+                return block(img, vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
+                             transformer_options=args.get("transformer_options"))
+
+            return {"img": _call_on_copies(call, [args["img"]], use_checkpoint)}
+
+        return replace
+
+    dit = {("double_block", i): double(b) for i, b in enumerate(model.double_blocks)}
+    dit.update({("single_block", i): single(b) for i, b in enumerate(model.single_blocks)})
     return dit
 
 

@@ -1,0 +1,137 @@
+"""The training core on tiny random Flux models: it learns, it changes only the adapter, it leaves the shared
+MODEL exactly as it was, and it is reproducible. Run under torch.inference_mode() as ComfyUI's executor runs nodes."""
+import pytest
+import torch
+
+import comfy.model_management
+import random_models
+
+
+@pytest.fixture(scope="module")
+def core(comfy):
+    return comfy.pack.core
+
+
+@pytest.fixture(scope="module")
+def model_file(comfy):
+    return random_models.write_flux(comfy.path("diffusion_models", "train_core.safetensors"), seed=21)
+
+
+def load(core, path, dtype=torch.float8_e4m3fn):
+    with torch.inference_mode():
+        return core.flux_files.load_flux_model(path, dtype)
+
+
+def dataset(core, images=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():  # as VAEEncode / CLIPTextEncode hand them over
+        latents = torch.randn(images, 16, 8, 8, generator=g)
+        pairs = [(torch.randn(6, 48, generator=g), torch.randn(32, generator=g)) for _ in range(images)]
+    return core.dataset.TrainingDataset.from_batches(latents, pairs)
+
+
+def train(core, patcher, data, **overrides):
+    config = core.training.TrainConfig(**{"steps": 4, "learning_rate": 1e-3, "rank": 4, "alpha": 4.0, **overrides})
+    with torch.inference_mode():
+        return core.training.train_lora(patcher, data, config)
+
+
+def velocity_loss(patcher, data, pairs=16):
+    """Velocity MSE over fixed (noise, t) draws: the training objective, measured without sampling noise."""
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    model = patcher.model
+    g = torch.Generator().manual_seed(1234)
+    total = 0.0
+    with torch.no_grad():
+        for sample in data.samples:
+            x0 = model.process_latent_in(sample.latent[None])
+            for _ in range(pairs):
+                noise, t = torch.randn(x0.shape, generator=g), torch.rand(1, generator=g)
+                xt = (1 - t) * x0 + t * noise
+                v = model.diffusion_model(xt, t, sample.context[None], sample.pooled[None], torch.tensor([1.0]))
+                total += torch.nn.functional.mse_loss(v, noise - x0).item()
+    return total / (len(data) * pairs)
+
+
+def forward(patcher, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x, ctx, y = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 6, 48, generator=g), torch.randn(1, 32, generator=g)
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x, torch.tensor([0.4]), ctx, y, torch.tensor([1.0]))
+
+
+def test_training_changes_only_the_adapter_and_leaves_the_model_as_it_was(core, model_file):
+    patcher = load(core, model_file)
+    transformer = patcher.model.diffusion_model
+    weights_before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    modules_before = [(n, type(m)) for n, m in transformer.named_modules()]
+    attributes_before = set(vars(transformer))
+    output_before = forward(patcher)
+
+    result = train(core, patcher, dataset(core), steps=6)
+
+    assert all(up.abs().sum() > 0 for up in result.weights.up.values()), "every adapter must have been trained"
+    weights_after = transformer.state_dict()
+    assert weights_after.keys() == weights_before.keys()
+    assert all(torch.equal(weights_after[k], weights_before[k]) for k in weights_before)
+    assert [(n, type(m)) for n, m in transformer.named_modules()] == modules_before
+    assert set(vars(transformer)) == attributes_before
+    assert not any(p.requires_grad for p in transformer.parameters())
+    assert torch.equal(forward(patcher), output_before), "the shared MODEL must sample bit-identically after training"
+
+
+def test_adapter_targets_are_the_block_linears(core, model_file):
+    result = train(core, load(core, model_file), dataset(core), steps=1)
+    expected = {f"double_blocks.0.{s}_{m}" for s in ("img", "txt")
+                for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
+    expected |= {"single_blocks.0.linear1", "single_blocks.0.linear2", "single_blocks.0.modulation.lin"}
+    assert set(result.weights.down) == expected
+    assert result.weights.down["double_blocks.0.img_attn.qkv"].shape == (4, 64)
+    assert result.weights.up["double_blocks.0.img_attn.qkv"].shape == (192, 4)
+
+
+def test_training_lowers_the_loss_on_a_small_overfit_set(comfy, core, model_file):
+    patcher = load(core, model_file, torch.bfloat16)
+    data = dataset(core, images=1, seed=5)
+    before = velocity_loss(patcher, data)
+    result = train(core, patcher, data, steps=60, learning_rate=3e-3, rank=8, alpha=8.0)
+    lora = core.lora_format.TrainedLoRA(result.weights.to_kohya(torch.float32), {})
+    with torch.inference_mode():
+        trained = comfy.pack.nodes.Dev2ProApplyLoRA.execute(patcher, lora, 1.0).result[0]
+    after = velocity_loss(trained, data)
+    assert after < 0.8 * before, (before, after)
+    assert velocity_loss(patcher, data) == before, "applying the LoRA must not change the base MODEL"
+
+
+def test_same_seed_same_adapter_bit_for_bit(core, model_file):
+    data = dataset(core, images=2)
+    a = train(core, load(core, model_file), data, seed=7).weights
+    b = train(core, load(core, model_file), data, seed=7).weights
+    c = train(core, load(core, model_file), data, seed=8).weights
+    assert all(torch.equal(a.up[k], b.up[k]) and torch.equal(a.down[k], b.down[k]) for k in a.up)
+    assert any(not torch.equal(a.up[k], c.up[k]) for k in a.up)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(core, model_file):
+    data = dataset(core, images=2)
+    a = train(core, load(core, model_file), data, gradient_checkpointing=True).weights
+    b = train(core, load(core, model_file), data, gradient_checkpointing=False).weights
+    assert all(torch.allclose(a.up[k], b.up[k], rtol=0, atol=1e-6) for k in a.up)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "steps must be at least 1"),
+    ("rank", 0, "rank must be 1..256"),
+    ("learning_rate", 0.0, "learning_rate must be in (0, 1)"),
+])
+def test_bad_settings_are_refused_before_any_work(core, field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        core.training.TrainConfig(**{field: value}).validate()
+
+
+def test_dataset_that_does_not_fit_the_model_is_refused(core, model_file):
+    g = torch.Generator().manual_seed(0)
+    wrong = core.dataset.TrainingDataset.from_batches(torch.randn(1, 16, 8, 8, generator=g),
+                                                      [(torch.randn(6, 4096, generator=g), torch.randn(32, generator=g))])
+    with pytest.raises(ValueError, match="Flux DualCLIPLoader"):
+        train(core, load(core, model_file), wrong)
