@@ -1,0 +1,102 @@
+"""Saving and applying: kohya keys and metadata on disk, no overwrites, and the saved file behaves exactly like
+the in-graph adapter when ComfyUI's stock LoraLoaderModelOnly loads it, on fp8 and bf16 Flux-dev alike."""
+import logging
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import random_models
+from conftest import ExecutionFailed
+from graphs import sampling_nodes, training_graph
+
+
+@pytest.fixture(scope="module")
+def models(comfy):
+    random_models.write_flux(comfy.path("diffusion_models", "files_dev2pro.safetensors"), seed=31)
+    random_models.write_flux(comfy.path("diffusion_models", "files_flux_dev.safetensors"), seed=32)
+    return "files_dev2pro.safetensors", "files_flux_dev.safetensors"
+
+
+def saved_files(outputs):
+    return [f for ui in outputs.values() for f in ui.get("lora_files", [])]
+
+
+def test_saved_file_has_kohya_keys_and_training_metadata(comfy, models):
+    outputs = comfy.run(training_graph(models[0], steps=2, prefix="files/meta", rank=4))
+    [name] = saved_files(outputs)
+    assert name == "files/meta_00001.safetensors"
+    path = comfy.path("loras", name)
+    with safe_open(path, framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        alpha = f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.alpha")
+        down = f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight")
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in keys
+    assert "lora_unet_double_blocks_0_txt_mod_lin.lora_down.weight" in keys
+    assert len(keys) == 13 * 3
+    assert down.shape == (4, 64) and alpha.item() == 4.0
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "2"
+    assert meta["dev2pro_training_guidance"] == "1.0"
+    assert meta["dev2pro_base_model"] == models[0]
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")], "no temporary files left"
+
+
+def test_save_never_overwrites(comfy, models):
+    folder = comfy.path("loras", "keep")
+    os.makedirs(folder, exist_ok=True)
+    mine = os.path.join(folder, "mine_00001.safetensors")
+    with open(mine, "wb") as f:
+        f.write(b"the user's own file")
+    outputs = comfy.run(training_graph(models[0], steps=1, prefix="keep/mine", seed=4))
+    assert saved_files(outputs) == ["keep/mine_00002.safetensors"]
+    with open(mine, "rb") as f:
+        assert f.read() == b"the user's own file"
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "/abs/path", "folder/"])
+def test_bad_prefix_is_refused(comfy, models, prefix):
+    with pytest.raises(ExecutionFailed) as error:
+        comfy.run(training_graph(models[0], steps=1, prefix=prefix))
+    assert "Dev2ProSaveLoRA (filename_prefix)" in error.value.message
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "bf16"])
+def test_saved_file_through_stock_loader_equals_in_graph_adapter(comfy, models, weight_dtype, caplog):
+    prefix = f"files/equal_{weight_dtype}"
+    first = comfy.run(training_graph(models[0], steps=3, prefix=prefix, seed=12))
+    [lora_file] = saved_files(first)
+
+    graph = training_graph(models[0], steps=3, prefix=prefix, seed=12)  # same inputs: served from the cache
+    graph["flux_dev"] = {"class_type": "Dev2ProLoadModel", "inputs": {"model_name": models[1], "weight_dtype": weight_dtype}}
+    graph["apply"] = {"class_type": "Dev2ProApplyLoRA", "inputs": {"model": ["flux_dev", 0], "lora": ["train", 0], "strength": 1.0}}
+    graph["stock"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["flux_dev", 0], "lora_name": lora_file, "strength_model": 1.0}}
+    graph.update(sampling_nodes(["apply", 0], f"ours_{weight_dtype}"))
+    graph.update(sampling_nodes(["stock", 0], f"stock_{weight_dtype}"))
+    graph.update(sampling_nodes(["flux_dev", 0], f"base_{weight_dtype}"))
+    with caplog.at_level(logging.WARNING):
+        comfy.run(graph)
+    assert "lora key not loaded" not in caplog.text
+
+    def latent(name):
+        with safe_open(comfy.path("output", f"{name}_00001_.latent"), framework="pt") as f:
+            return f.get_tensor("latent_tensor")
+
+    ours, stock, base = latent(f"ours_{weight_dtype}"), latent(f"stock_{weight_dtype}"), latent(f"base_{weight_dtype}")
+    assert torch.equal(ours, stock)
+    assert not torch.equal(ours, base), "the LoRA must change what Flux-dev samples"
+
+
+def test_apply_refuses_a_lora_for_another_model(comfy, models):
+    """A LoRA with layers the model lacks is an error naming the node, not a silently partial patch."""
+    deeper = dict(random_models.TINY_FLUX, depth=2)
+    random_models.write_flux(comfy.path("diffusion_models", "files_deeper.safetensors"), config=deeper, seed=33)
+    graph = training_graph("files_deeper.safetensors", steps=1, prefix="files/deeper", seed=13)
+    graph["flux_dev"] = {"class_type": "Dev2ProLoadModel", "inputs": {"model_name": models[1], "weight_dtype": "bf16"}}
+    graph["apply"] = {"class_type": "Dev2ProApplyLoRA", "inputs": {"model": ["flux_dev", 0], "lora": ["train", 0], "strength": 1.0}}
+    graph.update(sampling_nodes(["apply", 0], "deeper"))
+    with pytest.raises(ExecutionFailed) as error:
+        comfy.run(graph)
+    assert "Dev2ProApplyLoRA (lora)" in error.value.message
+    assert "lora_unet_double_blocks_1_" in error.value.message
