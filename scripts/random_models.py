@@ -8,6 +8,7 @@ Needs ComfyUI importable (``COMFYUI_PATH`` on ``sys.path``).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -124,7 +125,11 @@ def write_flux_vae(path: str, seed: int = 0) -> str:
     import comfy.sd
 
     probe = {"decoder.conv_in.weight": torch.zeros(512, 16, 3, 3), "encoder.down.2.downsample.conv.weight": torch.zeros(512, 512, 3, 3)}
-    shapes = {k: v.shape for k, v in comfy.sd.VAE(sd=probe).first_stage_model.state_dict().items()}
+    logging.disable(logging.WARNING)  # the probe is meant to lack every other key; ComfyUI lists them all
+    try:
+        shapes = {k: v.shape for k, v in comfy.sd.VAE(sd=probe).first_stage_model.state_dict().items()}
+    finally:
+        logging.disable(logging.NOTSET)
     save_file(random_like(shapes, seed, torch.float32), path)
     return path
 

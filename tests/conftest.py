@@ -14,20 +14,13 @@ import uuid
 import pytest
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMFYUI_PATH = os.path.expanduser(os.environ.get("COMFYUI_PATH", "~/comfy/ComfyUI"))
-if not os.path.isfile(os.path.join(COMFYUI_PATH, "main.py")):
-    raise pytest.UsageError(f"ComfyUI not found at {COMFYUI_PATH}: set COMFYUI_PATH to a ComfyUI 0.3.64 checkout. "
-                            "The tests run the real ComfyUI and never skip it.")
-sys.path.insert(0, COMFYUI_PATH)
 sys.path.insert(0, os.path.join(PACK_DIR, "scripts"))
 
-from comfy.cli_args import args  # noqa: E402
+from comfy_inprocess import import_comfyui, load_packs  # noqa: E402
 
-args.cpu = True
-import utils.extra_config  # noqa: E402,F401  (ComfyUI's utils package must be imported before nodes.py)
+nodes = import_comfyui()  # exits with instructions when no ComfyUI is found: the tests never skip it
 import execution  # noqa: E402
 import folder_paths  # noqa: E402
-import nodes  # noqa: E402
 import server  # noqa: E402
 
 MODEL_FOLDERS = ("diffusion_models", "loras", "vae", "text_encoders")
@@ -94,8 +87,5 @@ def comfy(tmp_path_factory):
         os.makedirs(os.path.join(root, name))
         setter(os.path.join(root, name))
     logging.getLogger().setLevel(logging.ERROR)
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    assert asyncio.run(nodes.load_custom_node(PACK_DIR)), "dev2pro-lora failed to load as a custom node"
-    assert asyncio.run(nodes.load_custom_node(os.path.join(PACK_DIR, "tests", "testing_pack")))
-    pack = sys.modules[PACK_DIR.replace(".", "_x_")]
+    pack = load_packs(nodes, PACK_DIR, os.path.join(PACK_DIR, "tests", "testing_pack"))
     return Comfy(root, pack)

@@ -1,0 +1,84 @@
+"""Writes workflows/dev2pro_train_and_apply_api.json and its UI twin from the one graph defined here.
+
+Run after changing a node's inputs:  python scripts/build_workflows.py  (with ComfyUI importable).
+The test suite checks that the shipped UI workflow still converts to the shipped API prompt.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS = os.path.join(PACK_DIR, "workflows")
+API_FILE = os.path.join(WORKFLOWS, "dev2pro_train_and_apply_api.json")
+UI_FILE = os.path.join(WORKFLOWS, "dev2pro_train_and_apply.json")
+
+# The files a user puts into ComfyUI/models/... for the recipe (names as the common downloads ship them).
+DEV2PRO_FILE = "flux1-dev2pro-fp8.safetensors"
+FLUX_DEV_FILE = "flux1-dev-fp8.safetensors"
+CLIP_L_FILE = "clip_l.safetensors"
+T5_FILE = "t5xxl_fp8_e4m3fn.safetensors"
+VAE_FILE = "ae.safetensors"
+DATASET_FOLDER = "dev2pro_dataset"
+
+
+def node(class_type, title, **inputs):
+    return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
+
+
+GRAPH = {
+    "1": node("Dev2ProLoadModel", "Load Flux-dev2pro (training base)", model_name=DEV2PRO_FILE, weight_dtype="fp8_e4m3fn"),
+    "2": node("Dev2ProTrainingGuidance", "Training guidance 1.0", model=["1", 0], guidance=1.0),
+    "3": node("LoadImageSetFromFolderNode", "Training images (ComfyUI/input/dev2pro_dataset)", folder=DATASET_FOLDER,
+              resize_method="None"),
+    "4": node("VAELoader", "Flux VAE", vae_name=VAE_FILE),
+    "5": node("VAEEncode", "Encode training images", pixels=["3", 0], vae=["4", 0]),
+    "6": node("DualCLIPLoader", "Flux text encoders", clip_name1=CLIP_L_FILE, clip_name2=T5_FILE, type="flux"),
+    "7": node("CLIPTextEncode", "Caption (one for all images)", clip=["6", 0], text="a photo of sks dog"),
+    "8": node("Dev2ProDatasetFromLatents", "Dataset", latents=["5", 0], conditioning=["7", 0]),
+    "9": node("Dev2ProTrainLoRA", "Train LoRA on Flux-dev2pro", model=["2", 0], dataset=["8", 0], steps=1000,
+              learning_rate=0.0001, rank=16, alpha=16.0, seed=0, gradient_checkpointing=True),
+    "10": node("Dev2ProSaveLoRA", "Save LoRA to models/loras", lora=["9", 0], filename_prefix="dev2pro/flux_lora"),
+    "11": node("PreviewImage", "Loss curve", images=["9", 1]),
+    "12": node("Dev2ProLoadModel", "Load Flux-dev (for sampling)", model_name=FLUX_DEV_FILE, weight_dtype="fp8_e4m3fn"),
+    "13": node("Dev2ProApplyLoRA", "Apply LoRA to Flux-dev", model=["12", 0], lora=["9", 0], strength=1.0),
+    "14": node("CLIPTextEncode", "Sample prompt", clip=["6", 0], text="a photo of sks dog on a beach"),
+    "15": node("FluxGuidance", "Flux-dev guidance 3.5", conditioning=["14", 0], guidance=3.5),
+    "16": node("ConditioningZeroOut", "Empty negative", conditioning=["14", 0]),
+    "17": node("EmptySD3LatentImage", "Image size", width=1024, height=1024, batch_size=1),
+    "18": node("KSampler", "Sample on Flux-dev", model=["13", 0], positive=["15", 0], negative=["16", 0],
+               latent_image=["17", 0], seed=0, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0),
+    "19": node("VAEDecode", "Decode", samples=["18", 0], vae=["4", 0]),
+    "20": node("SaveImage", "Save sample", images=["19", 0], filename_prefix="dev2pro/sample"),
+}
+
+# Left to right: training column, dataset column, sampling column.
+POSITIONS = {
+    "1": (40, 40), "2": (40, 260), "3": (420, 40), "4": (420, 240), "5": (800, 40), "6": (420, 420),
+    "7": (800, 240), "8": (1180, 40), "9": (1180, 260), "10": (1560, 40), "11": (1560, 240), "12": (40, 700),
+    "13": (420, 700), "14": (800, 480), "15": (1180, 700), "16": (1180, 880), "17": (800, 900), "18": (1560, 700),
+    "19": (1940, 700), "20": (2320, 700),
+}
+
+
+def main() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from comfy_inprocess import import_comfyui, load_packs
+    from workflow_format import api_to_ui, node_definition
+
+    nodes = import_comfyui()
+    load_packs(nodes, PACK_DIR)
+    defs = {node["class_type"]: node_definition(nodes.NODE_CLASS_MAPPINGS[node["class_type"]]) for node in GRAPH.values()}
+    os.makedirs(WORKFLOWS, exist_ok=True)
+    with open(API_FILE, "w") as f:
+        json.dump(GRAPH, f, indent=2)
+        f.write("\n")
+    with open(UI_FILE, "w") as f:
+        json.dump(api_to_ui(GRAPH, defs, POSITIONS), f, indent=1)
+        f.write("\n")
+    print(f"wrote {API_FILE} and {UI_FILE}")
+
+
+if __name__ == "__main__":
+    main()
