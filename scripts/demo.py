@@ -38,7 +38,7 @@ class ComfyServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [python, os.path.join(comfyui, "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--database-url", "sqlite:///:memory:", *extra_args]
+               "--disable-auto-launch", *extra_args]
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(cmd, cwd=comfyui, stdout=self.log, stderr=subprocess.STDOUT)

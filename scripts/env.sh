@@ -16,7 +16,7 @@ find_comfyui() {
   fi
   echo "dev2pro-lora: no ComfyUI at $COMFYUI_PATH; trying to clone ComfyUI v$COMFYUI_VERSION there" >&2
   mkdir -p "$(dirname "$COMFYUI_PATH")"
-  git clone --quiet --depth 1 --branch "v$COMFYUI_VERSION" https://github.com/comfyanonymous/ComfyUI.git "$COMFYUI_PATH" 2>/dev/null
+  GIT_TERMINAL_PROMPT=0 timeout 300 git clone --quiet --depth 1 --branch "v$COMFYUI_VERSION" https://github.com/comfyanonymous/ComfyUI.git "$COMFYUI_PATH" 2>/dev/null
 }
 
 if ! find_comfyui; then
@@ -47,7 +47,11 @@ if [ ! -f "$VENV/.complete" ]; then
   comfy_reqs="$VENV/comfyui-requirements.txt"
   # torch, torchvision and torchaudio come from TORCH_SPEC; torchaudio is optional for ComfyUI.
   grep -v -E '^(torch|torchvision|torchaudio)([<>=~ ].*)?$' "$COMFYUI_PATH/requirements.txt" > "$comfy_reqs"
-  "$PY" -m pip install --quiet --disable-pip-version-check $TORCH_SPEC \
-      -r "$comfy_reqs" -r "$PACK_DIR/requirements.txt" -r "$PACK_DIR/scripts/test-requirements.txt"
+  if ! "$PY" -m pip install --disable-pip-version-check $TORCH_SPEC -r "$comfy_reqs" \
+      -r "$PACK_DIR/requirements.txt" -r "$PACK_DIR/scripts/test-requirements.txt" > "$VENV/pip.log" 2>&1; then
+    grep -v "^WARNING: Location" "$VENV/pip.log" | tail -20 >&2
+    echo "dev2pro-lora: installing the environment failed (full log: $VENV/pip.log)" >&2
+    exit 1
+  fi
   touch "$VENV/.complete"
 fi
