@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -80,10 +81,14 @@ class Dev2ProTrainLoRA(io.ComfyNode):
                              guidance=guidance, gradient_checkpointing=gradient_checkpointing)
         node_id = cls.hidden.unique_id
         progress = comfy.utils.ProgressBar(steps, node_id=node_id)
+        last_step_end = [time.perf_counter()]
 
         def on_step(step: int, total: int, loss: float) -> None:
+            now = time.perf_counter()
+            seconds, last_step_end[0] = now - last_step_end[0], now
             progress.update_absolute(step, total)
-            send_event(node_id, {"step": step, "total": total, "loss": loss, "learning_rate": learning_rate})
+            send_event(node_id, {"step": step, "total": total, "loss": loss, "learning_rate": learning_rate,
+                                 "seconds_per_step": seconds})
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         try:

@@ -64,8 +64,11 @@ class ComfyServer:
         self.log.close()
 
     def get(self, path: str):
+        return json.loads(self.get_text(path))
+
+    def get_text(self, path: str) -> str:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return json.loads(r.read())
+            return r.read().decode()
 
     def queue(self, prompt: dict) -> dict:
         body = json.dumps({"prompt": prompt, "client_id": "dev2pro-demo"}).encode()
@@ -173,7 +176,8 @@ def pack_only_custom_nodes_config(tmpdir: str) -> str:
     return path
 
 
-def run(comfyui: str, mode: str, workdir: str, train_steps: int, timeout: float) -> dict:
+def run(comfyui: str, mode: str, workdir: str, train_steps: int, timeout: float, while_running=None) -> dict:
+    """Queue the workflow and wait for it; ``while_running(server)`` is called with the server still up."""
     with open(API_WORKFLOW) as f:
         prompt = json.load(f)
     missing = missing_real_files(comfyui, prompt)
@@ -201,6 +205,8 @@ def run(comfyui: str, mode: str, workdir: str, train_steps: int, timeout: float)
         if answer.get("node_errors"):
             raise RuntimeError(f"node errors: {json.dumps(answer['node_errors'])}")
         entry = server.wait(answer["prompt_id"], timeout)
+        if while_running is not None:
+            while_running(server)
     loras = [f for ui in entry["outputs"].values() for f in ui.get("lora_files", [])]
     images = [os.path.join(outputs_root, i["subfolder"], i["filename"]) for ui in entry["outputs"].values()
               for i in ui.get("images", []) if i.get("type") == "output"]

@@ -9,7 +9,14 @@ from comfy_inprocess import comfyui_path
 
 
 def test_api_workflow_runs_through_a_real_server(tmp_path):
-    result = demo.run(comfyui_path(), "demo", str(tmp_path), train_steps=8, timeout=600)
+    served = {}
+
+    def front_end_files(server):
+        script = next(e for e in server.get("/extensions") if e.endswith("/dev2pro_train_progress.js"))
+        served["script"] = server.get_text(script)
+        served["help"] = server.get_text(script.rsplit("/", 1)[0] + "/docs/Dev2ProTrainLoRA.md")
+
+    result = demo.run(comfyui_path(), "demo", str(tmp_path), train_steps=8, timeout=600, while_running=front_end_files)
     assert result["mode"] == "demo"
     assert result["node_errors"] == {}
     [lora] = result["lora_files"]
@@ -21,3 +28,6 @@ def test_api_workflow_runs_through_a_real_server(tmp_path):
     with open(result["log"]) as f:
         log = f.read()
     assert "dev2pro-lora" in log and "IMPORT FAILED: " + os.path.join(str(tmp_path), "custom_nodes", "dev2pro-lora") not in log
+    # the front end loads the progress extension, and the node's help page is served beside it
+    assert "dev2pro.train.step" in served["script"]
+    assert served["help"].startswith("# Train Flux LoRA (Dev2Pro)")

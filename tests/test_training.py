@@ -1,10 +1,17 @@
 """The training core on tiny random Flux models: it learns, it changes only the adapter, it leaves the shared
 MODEL exactly as it was, and it is reproducible. Run under torch.inference_mode() as ComfyUI's executor runs nodes."""
+import os
+
 import pytest
 import torch
 
 import comfy.model_management
+import comfy.utils
+import graphs
+from conftest import ExecutionFailed
 import random_models
+from comfy import model_management as comfy_model_management
+from comfy import utils as comfy_utils
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +142,40 @@ def test_dataset_that_does_not_fit_the_model_is_refused(core, model_file):
                                                       [(torch.randn(6, 4096, generator=g), torch.randn(32, generator=g))])
     with pytest.raises(ValueError, match="Flux DualCLIPLoader"):
         train(core, load(core, model_file), wrong)
+
+
+
+def test_train_node_reports_every_step_to_the_front_end(comfy, model_file, monkeypatch):
+    bar = []  # main.py installs this hook to forward ProgressBar updates to the UI; record what reaches it
+    monkeypatch.setattr(comfy_utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: bar.append((node_id, value, total)))
+    outputs = comfy.run(graphs.training_graph("train_core.safetensors", steps=3, prefix="events/lora"))
+    assert outputs["save"]["lora_files"]
+    steps = [data for event, data in comfy.server.messages if event == "dev2pro.train.step"]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert all(s["node"] == "train" and s["total"] == 3 for s in steps)
+    assert all(s["loss"] > 0 and s["seconds_per_step"] > 0 and s["learning_rate"] == 1e-3 for s in steps)
+    assert [b for b in bar if b[0] == "train"] == [("train", 1, 3), ("train", 2, 3), ("train", 3, 3)]
+
+
+def test_cancel_stops_training_at_the_current_step_and_leaves_the_model_as_it_was(comfy, model_file, monkeypatch):
+    steps, record = [], comfy.server.send_sync
+
+    def press_cancel_at_step_two(event, data, sid=None):
+        record(event, data, sid)
+        if event == "dev2pro.train.step":
+            steps.append(data["step"])
+            if data["step"] == 2:
+                comfy_model_management.interrupt_current_processing(True)
+
+    base = load(comfy.pack.core, model_file)
+    before = forward(base)
+    monkeypatch.setattr(comfy.server, "send_sync", press_cancel_at_step_two)
+    try:
+        with pytest.raises(ExecutionFailed):
+            comfy.run(graphs.training_graph("train_core.safetensors", steps=50, prefix="cancel/lora"))
+        assert "execution_interrupted" in [event for event, _ in comfy.server.messages]
+    finally:
+        comfy_model_management.interrupt_current_processing(False)
+    assert steps == [1, 2]
+    assert not os.path.exists(comfy.path("loras", "cancel"))
+    assert torch.equal(forward(base), before)
