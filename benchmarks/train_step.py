@@ -74,7 +74,7 @@ def measure(core, patcher, resolution, steps, warmup, checkpointing, rank, token
                                        gradient_checkpointing=checkpointing)
     stamps = []
 
-    def on_step(step, total, loss):
+    def on_step(info):
         stamps.append(time.perf_counter())  # the core reads the loss every step, so the GPU is in sync here
 
     torch.cuda.synchronize()

@@ -6,12 +6,14 @@ Files use kohya's Flux layout (``lora_unet_double_blocks_0_img_attn_qkv.lora_dow
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 KOHYA_PREFIX = "lora_unet_"
@@ -129,3 +131,76 @@ def layer_prefixes(tensors: dict) -> set[str]:
         else:
             prefixes.add(key)
     return prefixes
+
+
+# A training state is a safetensors file beside its LoRA, with an extension LoRA lists ignore.
+STATE_EXTENSION = ".dev2pro-state"
+STATE_FORMAT = "dev2pro-training-state/1"
+
+
+def state_path_for(lora_path: str) -> str:
+    """``flux_lora_00001.safetensors`` -> ``flux_lora_00001.dev2pro-state``."""
+    return os.path.splitext(lora_path)[0] + STATE_EXTENSION
+
+
+def training_state_tensors(adapter: LoRAWeights, optimizer: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an adapter and a torch optimizer state_dict into tensors plus the JSON-able rest."""
+    tensors = {}
+    for name in adapter.down:
+        tensors[f"adapter.{name}.down"] = adapter.down[name].contiguous()
+        tensors[f"adapter.{name}.up"] = adapter.up[name].contiguous()
+    scalars = {}
+    for index, entries in optimizer["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": optimizer["param_groups"], "scalars": scalars}
+
+
+def save_training_state(path: str, config: dict, step: int, adapter: LoRAWeights, optimizer: dict,
+                        losses: list[float], info: dict[str, str]) -> str:
+    tensors, rest = training_state_tensors(adapter, optimizer)
+    metadata = {
+        "format": STATE_FORMAT, "config": json.dumps(config), "step": str(step), "losses": json.dumps(losses),
+        "rank": str(adapter.rank), "alpha": str(adapter.alpha), "optimizer": json.dumps(rest), "info": json.dumps(info),
+    }
+    return save_new_file(tensors, path, metadata)
+
+
+def load_training_state(path: str) -> dict:
+    """The parts ``save_training_state`` wrote: config (dict), step, adapter, optimizer (state_dict), losses, info.
+
+    Raises ValueError naming the file when it is not a dev2pro training state.
+    """
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != STATE_FORMAT:
+                raise ValueError(f"{path} is not a dev2pro training state (format {metadata.get('format')!r})")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except ValueError:
+        raise
+    except Exception as e:  # OSError, or safetensors' own error type for a damaged file
+        raise ValueError(f"cannot read the training state {path}: {e}") from e
+    down, up, state = {}, {}, {}
+    for key, tensor in tensors.items():
+        kind, _, rest = key.partition(".")
+        if kind == "adapter":
+            name, _, part = rest.rpartition(".")
+            (down if part == "down" else up)[name] = tensor
+        else:
+            index, _, entry = rest.partition(".")
+            state.setdefault(int(index), {})[entry] = tensor
+    optimizer = json.loads(metadata["optimizer"])
+    for index, entries in optimizer["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    return {
+        "config": json.loads(metadata["config"]),
+        "step": int(metadata["step"]),
+        "adapter": LoRAWeights(down, up, float(metadata["alpha"]), int(metadata["rank"])),
+        "optimizer": {"state": state, "param_groups": optimizer["param_groups"]},
+        "losses": json.loads(metadata["losses"]),
+        "info": json.loads(metadata["info"]),
+    }

@@ -42,12 +42,15 @@ def _init_adapter(layer: LoraLayer, generator: torch.Generator) -> None:
 
 
 @contextlib.contextmanager
-def lora_injected(model: torch.nn.Module, rank: int, alpha: float, seed: int):
+def lora_injected(model: torch.nn.Module, rank: int, alpha: float, seed: int,
+                  existing: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] | None = None):
     """Wrap the target Linears of ``model`` (a Flux transformer) in peft LoRA layers for the ``with`` body.
 
     Yields ``{module name: LoraLayer}``. On exit every wrapped module is put back, so the transformer that other
     nodes share has exactly its original modules again, whatever happened inside.
-    Adapter weights are fp32 whatever the base dtype (peft would cast them to the fp8 base dtype).
+    Adapter weights are fp32 whatever the base dtype (peft would cast them to the fp8 base dtype). With
+    ``existing`` ({name: (down, up)} from an earlier ``with``), the layers take those very Parameters, so an
+    optimizer holding them carries on across sessions; otherwise they are initialised from ``seed``.
     """
     originals = {name: m for name, m in model.named_modules() if _is_target(name, m)}
     if not originals:
@@ -57,9 +60,16 @@ def lora_injected(model: torch.nn.Module, rank: int, alpha: float, seed: int):
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         layers = _lora_layers(model)
-        generator = torch.Generator().manual_seed(seed)
-        for name in sorted(layers):
-            _init_adapter(layers[name], generator)
+        if existing is not None:
+            if set(existing) != set(layers):
+                raise ValueError("the adapter to continue does not fit this model's layers")
+            for name, (down, up) in existing.items():
+                layers[name].lora_A[ADAPTER].weight = down
+                layers[name].lora_B[ADAPTER].weight = up
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            for name in sorted(layers):
+                _init_adapter(layers[name], generator)
         yield layers
     finally:
         for name, original in originals.items():
@@ -74,17 +84,20 @@ def _is_target(name: str, module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and re.fullmatch(TARGET_MODULES, name) is not None
 
 
-def adapter_parameters(layers: dict[str, LoraLayer]) -> list[torch.nn.Parameter]:
-    params = []
-    for name in sorted(layers):
-        params += [layers[name].lora_A[ADAPTER].weight, layers[name].lora_B[ADAPTER].weight]
-    return params
+def adapter_parameters(layers: dict[str, LoraLayer]) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """{module name: (down, up)} in sorted name order: the optimizer's parameter order, stable across runs."""
+    return {name: (layers[name].lora_A[ADAPTER].weight, layers[name].lora_B[ADAPTER].weight) for name in sorted(layers)}
 
 
-def extract_weights(layers: dict[str, LoraLayer], rank: int, alpha: float) -> LoRAWeights:
+def flat_parameters(adapter: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]) -> list[torch.nn.Parameter]:
+    return [p for name in sorted(adapter) for p in adapter[name]]
+
+
+def extract_weights(adapter: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, alpha: float) -> LoRAWeights:
+    """A CPU fp32 copy of the adapter, detached from training."""
     return LoRAWeights(
-        down={n: layers[n].lora_A[ADAPTER].weight.detach().float().cpu().clone() for n in layers},
-        up={n: layers[n].lora_B[ADAPTER].weight.detach().float().cpu().clone() for n in layers},
+        down={n: down.detach().float().cpu().clone() for n, (down, _) in adapter.items()},
+        up={n: up.detach().float().cpu().clone() for n, (_, up) in adapter.items()},
         alpha=alpha,
         rank=rank,
     )

@@ -1,9 +1,11 @@
 """The LoRA training loop for Flux on a ComfyUI ModelPatcher.
 
 Objective: rectified-flow velocity matching. ``x_t = (1 - t) * x0 + t * noise`` and the transformer predicts
-``noise - x0``; the loss is the plain MSE on that velocity (ComfyUI's own trainer instead takes the MSE in x0
-space, which weights each step by t**2). ``t`` is drawn logit-normal and shifted for the image size the way
-Flux's own sampling schedule is (``mu`` from 0.5 at 256 image tokens to 1.15 at 4096).
+``noise - x0``; the loss (MSE or Huber) is taken on that velocity (ComfyUI's own trainer instead takes the MSE in
+x0 space, which weights each step by t**2). ``t`` is drawn as ``TrainConfig.timestep_sampling`` says.
+
+Randomness is a pure function of (seed, step): each step draws its batch, noise, timesteps and caption dropout
+from its own generator, so a run continued from a saved state is bit-identical to one that never stopped.
 """
 from __future__ import annotations
 
@@ -19,59 +21,55 @@ from torch.utils.checkpoint import checkpoint
 import comfy.model_base
 import comfy.model_management
 
-from .dataset import TrainingDataset
+from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
+from .dataset import BatchPlan, TrainingDataset, mix_seed
 from .lora_format import LoRAWeights
-from .lora_layers import adapter_parameters, extract_weights, lora_injected
-
-# Where Dev2ProTrainingGuidance stores its value in a ModelPatcher's model_options.
-GUIDANCE_OPTION = "dev2pro_training_guidance"
-DEFAULT_TRAINING_GUIDANCE = 1.0
+from .lora_layers import adapter_parameters, extract_weights, flat_parameters, lora_injected
+from .optimizers import make_optimizer
+from .schedules import lr_multiplier, sample_timesteps
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 500
-    learning_rate: float = 1e-4
-    rank: int = 16
-    alpha: float = 16.0
-    seed: int = 0
-    guidance: float = DEFAULT_TRAINING_GUIDANCE
-    gradient_checkpointing: bool = True
-    weight_decay: float = 0.01
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    learning_rate: float
+    seconds: float  # this step's own time, previews excluded
+    samples: list[int]  # dataset indices of the step's first micro-batch
 
-    def validate(self) -> None:
-        """Raise ValueError naming the setting and the accepted range; called once, before any work."""
-        checks = [
-            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
-            (0 < self.learning_rate < 1, f"learning_rate must be in (0, 1), got {self.learning_rate}"),
-            (1 <= self.rank <= 256, f"rank must be 1..256, got {self.rank}"),
-            (self.alpha > 0, f"alpha must be positive, got {self.alpha}"),
-            (math.isfinite(self.guidance) and self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+
+@dataclass
+class TrainingState:
+    """Everything a run needs to carry on exactly where it stopped (random state is implied by seed and step)."""
+
+    config: TrainConfig
+    step: int
+    adapter: LoRAWeights  # fp32, on the CPU
+    optimizer: dict  # torch optimizer state_dict, tensors on the CPU
+    losses: list[float] = field(default_factory=list)
+    info: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class TrainResult:
     weights: LoRAWeights
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # every step of the run, earlier sessions included
     seconds: float = 0.0
+    state: TrainingState | None = None
+    stopped_early: bool = False
 
 
-StepCallback = Callable[[int, int, float], None]
+class NonFiniteLoss(ArithmeticError):
+    """Training hit a NaN or infinite loss or gradient; ``result`` holds the adapter from before that step."""
+
+    def __init__(self, step: int, what: str, result: TrainResult):
+        super().__init__(f"the {what} became NaN or infinite at step {step}")
+        self.step, self.what, self.result = step, what, result
 
 
-def flux_shift_mu(image_tokens: int) -> float:
-    """Flux's resolution-dependent shift: 0.5 at 256 tokens (256x256 px) to 1.15 at 4096 (1024x1024 px)."""
-    return 0.5 + (1.15 - 0.5) * (image_tokens - 256) / (4096 - 256)
-
-
-def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator) -> torch.Tensor:
-    t = torch.sigmoid(torch.randn(batch, generator=generator))
-    shift = math.exp(flux_shift_mu(image_tokens))
-    return shift * t / (1 + (shift - 1) * t)
+StepCallback = Callable[[StepInfo], None]
+PreviewCallback = Callable[[int, LoRAWeights], None]
 
 
 def _call_on_copies(block_call, streams: list[torch.Tensor], use_checkpoint: bool):
@@ -178,14 +176,123 @@ def check_compatible(base_model, dataset: TrainingDataset) -> None:
                              f"{params.vec_in_dim}. Encode captions with a Flux DualCLIPLoader.")
 
 
-def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_step: StepCallback | None = None) -> TrainResult:
-    """Train a LoRA on the Flux transformer of ``model_patcher`` and return its weights.
+def velocity_loss(prediction: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    if config.loss == "huber":
+        return torch.nn.functional.huber_loss(prediction, target, delta=config.huber_delta)
+    return torch.nn.functional.mse_loss(prediction, target)
 
-    The patcher's modules are wrapped for the duration and restored on exit, also when ``on_step`` raises (that
-    is how ComfyUI's Cancel arrives), so the MODEL that other nodes share samples exactly as before.
+
+def _micro_batch(dataset: TrainingDataset, indices: list[int], config: TrainConfig, generator: torch.Generator):
+    """Stacked latents, captions (with dropout) and pooled vectors of one micro-batch, each row its own caption."""
+    samples = [dataset.samples[i] for i in indices]
+    contexts, pooled = [], []
+    for sample in samples:
+        drop = config.caption_dropout > 0 and float(torch.rand(1, generator=generator)) < config.caption_dropout
+        if drop:
+            contexts.append(dataset.empty_caption[0])
+            pooled.append(dataset.empty_caption[1])
+        else:
+            contexts.append(sample.context)
+            pooled.append(sample.pooled)
+    return torch.stack([s.latent for s in samples]).float(), torch.stack(contexts), torch.stack(pooled)
+
+
+class _Run:
+    """The adapter and optimizer of one training run, alive across the sessions between previews."""
+
+    def __init__(self, config: TrainConfig, resume: TrainingState | None):
+        self.config = config
+        self.step = resume.step if resume else 0
+        self.losses = list(resume.losses) if resume else []
+        self.resume = resume
+        self.adapter = None  # {name: (down, up)} Parameters, made in the first session
+        self.optimizer = None
+
+    def attach(self, layers, device: torch.device) -> None:
+        """First session: take the fresh layers' Parameters, load a resumed state into them, build the optimizer."""
+        self.adapter = adapter_parameters(layers)
+        if self.resume is not None:
+            saved = self.resume.adapter
+            with torch.no_grad():
+                for name, (down, up) in self.adapter.items():
+                    down.copy_(saved.down[name])
+                    up.copy_(saved.up[name])
+        self.optimizer = make_optimizer(self.config, flat_parameters(self.adapter), device)
+        if self.resume is not None:
+            self.optimizer.load_state_dict(self.resume.optimizer)
+            self.resume = None
+
+    def weights(self) -> LoRAWeights:
+        return extract_weights(self.adapter, self.config.rank, self.config.alpha)
+
+    def state(self, info: dict[str, str]) -> TrainingState:
+        optimizer = _to_cpu(self.optimizer.state_dict())
+        return TrainingState(self.config, self.step, self.weights(), optimizer, list(self.losses), dict(info))
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def check_resumable(config: TrainConfig, resume: TrainingState) -> None:
+    for name in TrainConfig.STATE_BOUND:
+        if getattr(config, name) != getattr(resume.config, name):
+            raise ValueError(f"the training state was made with {name}={getattr(resume.config, name)!r}, "
+                             f"not {getattr(config, name)!r}; continue with the same {name}")
+
+
+def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_step: StepCallback | None = None, *,
+               resume: TrainingState | None = None, stop_at: int = 0, should_stop: Callable[[], bool] | None = None,
+               preview_every: int = 0, on_preview: PreviewCallback | None = None) -> TrainResult:
+    """Train a LoRA on the Flux transformer of ``model_patcher`` and return its weights and training state.
+
+    Runs from step 0, or from ``resume``, to ``config.steps`` (or to ``stop_at`` when that is earlier).
+    ``should_stop`` is asked after every step: true ends the run there, and the adapter so far is returned.
+    ``on_preview(step, weights)`` runs every ``preview_every`` steps and after the last one, between training
+    sessions: the adapter is out of the model then, so ComfyUI may swap models freely for sampling.
+    The patcher's modules are restored after every session, also when a callback raises, so the MODEL that
+    other nodes share samples exactly as before. A NaN or infinite loss or gradient raises NonFiniteLoss
+    carrying the adapter from before that step.
     """
     config.validate()
     check_compatible(model_patcher.model, dataset)
+    if resume is not None:
+        check_resumable(config, resume)
+    if config.caption_dropout > 0:
+        empty = dataset.empty_caption
+        if empty is None or any(s.context.shape != empty[0].shape for s in dataset.samples):
+            raise ValueError("caption_dropout needs the dataset's encoded empty caption: build the dataset with "
+                             "Dev2ProDataset (it encodes one), or set caption_dropout to 0")
+    run = _Run(config, resume)
+    end = min(config.steps, stop_at) if stop_at > 0 else config.steps
+    plan = BatchPlan(dataset, config.batch_size, config.seed)
+    start = time.perf_counter()
+    stopped = False
+    while run.step < end and not stopped:
+        until = end
+        if on_preview is not None and preview_every > 0:
+            until = min(end, (run.step // preview_every + 1) * preview_every)
+        stopped = _train_session(model_patcher, dataset, run, plan, until, on_step, should_stop)
+        if on_preview is not None and preview_every > 0 and (run.step % preview_every == 0 or run.step == end):
+            on_preview(run.step, run.weights())
+            stopped = stopped or bool(should_stop and should_stop())
+    if run.adapter is None:  # nothing left to train: hand the resumed state back
+        if resume is None:
+            raise ValueError("no training steps to run")
+        return TrainResult(resume.adapter, list(resume.losses), 0.0, resume, stopped_early=False)
+    return TrainResult(run.weights(), list(run.losses), time.perf_counter() - start, run.state({}), stopped)
+
+
+def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: BatchPlan, until: int,
+                   on_step: StepCallback | None, should_stop) -> bool:
+    """Train with the adapter in the model until step ``until``; returns whether ``should_stop`` asked to stop."""
+    config = run.config
     comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
     base = model_patcher.model
     transformer = base.diffusion_model
@@ -196,36 +303,57 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda" and compute_dtype != torch.float32)
     transformer_options = dict(model_patcher.model_options.get("transformer_options", {}))
     transformer_options["patches_replace"] = {"dit": _block_replacements(transformer, config.gradient_checkpointing)}
-    generator = torch.Generator().manual_seed(config.seed)
-    losses = []
-    start = time.perf_counter()
 
-    with torch.inference_mode(False), frozen_base(transformer), lora_injected(transformer, config.rank, config.alpha, config.seed) as layers:
-        params = adapter_parameters(layers)
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=device.type == "cuda")
-        for step in range(1, config.steps + 1):
-            sample = dataset.samples[int(torch.randint(len(dataset), (1,), generator=generator))]
-            x0 = base.process_latent_in(sample.latent[None].float())
-            noise = torch.randn(x0.shape, generator=generator)
-            tokens = math.ceil(x0.shape[-2] / 2) * math.ceil(x0.shape[-1] / 2)
-            t = sample_timesteps(1, tokens, generator)
-            xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-            guidance = torch.full((1,), config.guidance)
-            with autocast:
-                velocity = transformer(
-                    xt.to(device, compute_dtype),
-                    t.to(device),
-                    sample.context[None].to(device, compute_dtype),
-                    y=sample.pooled[None].to(device, compute_dtype),
-                    guidance=guidance.to(device, compute_dtype),
-                    transformer_options=transformer_options,
-                )
-            loss = torch.nn.functional.mse_loss(velocity.float(), (noise - x0).to(device))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+    with torch.inference_mode(False), frozen_base(transformer), \
+            lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter) as layers:
+        if run.adapter is None:
+            run.attach(layers, device)
+        params = flat_parameters(run.adapter)
+        while run.step < until:
+            step = run.step + 1
+            step_start = time.perf_counter()
+            lr = config.learning_rate * lr_multiplier(config, step)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            first_indices = None
+            for micro in range(config.gradient_accumulation):
+                indices = plan.batch((step - 1) * config.gradient_accumulation + micro)
+                first_indices = first_indices or indices
+                generator = torch.Generator().manual_seed(mix_seed(config.seed, 2, step, micro))
+                latents, context, pooled = _micro_batch(dataset, indices, config, generator)
+                x0 = base.process_latent_in(latents)
+                noise = torch.randn(x0.shape, generator=generator)
+                tokens = math.ceil(x0.shape[-2] / 2) * math.ceil(x0.shape[-1] / 2)
+                t = sample_timesteps(config, x0.shape[0], tokens, generator).view(-1, 1, 1, 1)
+                xt = (1 - t) * x0 + t * noise
+                guidance = torch.full((x0.shape[0],), config.guidance)
+                with autocast:
+                    velocity = transformer(
+                        xt.to(device, compute_dtype),
+                        t.flatten().to(device),
+                        context.to(device, compute_dtype),
+                        y=pooled.to(device, compute_dtype),
+                        guidance=guidance.to(device, compute_dtype),
+                        transformer_options=transformer_options,
+                    )
+                loss = velocity_loss(velocity.float(), (noise - x0).to(device), config) / config.gradient_accumulation
+                loss.backward()
+                loss_sum += loss.detach()
+            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            loss_value, norm_value = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                run.optimizer.zero_grad(set_to_none=True)
+                what = "loss" if not math.isfinite(loss_value) else "gradient"
+                good = TrainResult(run.weights(), list(run.losses), 0.0, run.state({}))
+                raise NonFiniteLoss(step, what, good)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step = step
+            run.losses.append(loss_value)
             if on_step is not None:
-                on_step(step, config.steps, losses[-1])
-        weights = extract_weights(layers, config.rank, config.alpha)
-    return TrainResult(weights=weights, losses=losses, seconds=time.perf_counter() - start)
+                on_step(StepInfo(step, config.steps, loss_value, lr, time.perf_counter() - step_start, first_indices))
+            if should_stop is not None and should_stop():
+                return True
+    return False

@@ -3,6 +3,9 @@ from comfy_api.latest import io
 
 CATEGORY = "Dev2Pro LoRA"
 Dataset = io.Custom("DEV2PRO_DATASET")
+TrainingStateType = io.Custom("DEV2PRO_TRAINING_STATE")
+PreviewSettings = io.Custom("DEV2PRO_PREVIEWS")
+AdvancedSettings = io.Custom("DEV2PRO_ADVANCED")
 
 # Keys this pack keeps in a ModelPatcher's model_options (deep-copied by clone(), so they follow the MODEL).
 MODEL_NAME_OPTION = "dev2pro_model_name"

@@ -1,8 +1,7 @@
-"""The training node: ComfyUI inputs in, a LORA_MODEL and a loss curve out."""
+"""The training nodes: ComfyUI inputs in, a LORA_MODEL, a loss curve, previews and a training state out."""
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import torch
@@ -11,22 +10,34 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
+from ..core.config import LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS
 from ..core.dataset import TrainingDataset
 from ..core.lora_format import TrainedLoRA
 from ..core.loss_plot import draw_loss_curve
-from ..core.training import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig, train_lora
-from .common import CATEGORY, MODEL_NAME_OPTION, Dataset, node_error
+from ..core.optimizers import MissingPackage
+from ..core.training import (DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, NonFiniteLoss, StepInfo, TrainConfig,
+                             TrainingState, TrainResult, train_lora)
+from .common import CATEGORY, MODEL_NAME_OPTION, AdvancedSettings, Dataset, PreviewSettings, TrainingStateType, node_error
+from .lora_nodes import write_lora
+from .preview_nodes import Previews, sample_previews
 
 log = logging.getLogger("dev2pro-lora")
 STEP_EVENT = "dev2pro.train.step"
+RESCUE_PREFIX = "dev2pro-rescue/"
 
 
 def pil_to_image(pil) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
+def image_to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray(np.clip(image.numpy() * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
 def send_event(node_id: str, data: dict) -> None:
-    """Per-step numbers for the front end's loss display; silently skipped when no server runs (scripts, tests)."""
+    """Per-step numbers for the front end's training line; silently skipped when no server runs (scripts)."""
     try:
         from server import PromptServer
     except ImportError:
@@ -34,6 +45,143 @@ def send_event(node_id: str, data: dict) -> None:
     server = getattr(PromptServer, "instance", None)
     if server is not None:
         server.send_sync(STEP_EVENT, {"node": node_id, **data}, server.client_id)
+
+
+class _EarlyStops:
+    """Counts runs ended by Cancel: a changed count makes ComfyUI re-run a node instead of reusing a partial result."""
+
+    count = 0
+
+
+def run_training(node: str, node_id: str, model, dataset: TrainingDataset, config: TrainConfig,
+                 resume: TrainingState | None, stop_at_step: int, previews: Previews | None) -> io.NodeOutput:
+    """What both training nodes do: progress, events, Cancel, previews, NaN rescue, and the four outputs."""
+    progress = comfy.utils.ProgressBar(config.steps, node_id=node_id)
+    if resume is not None:
+        progress.update_absolute(min(resume.step, config.steps), config.steps)
+    cancelled = [False]
+    preview_images: list[torch.Tensor] = []
+
+    def on_step(info: StepInfo) -> None:
+        send_event(node_id, {"step": info.step, "total": info.total, "loss": info.loss,
+                             "learning_rate": info.learning_rate, "seconds_per_step": info.seconds})
+        try:
+            progress.update_absolute(info.step, info.total)  # ComfyUI's hook raises here once Cancel is pressed
+        except comfy.model_management.InterruptProcessingException:
+            cancelled[0] = True
+
+    def should_stop() -> bool:
+        cancelled[0] = cancelled[0] or comfy.model_management.processing_interrupted()
+        return cancelled[0]
+
+    def on_preview(step: int, weights) -> None:
+        try:
+            images = sample_previews(previews, weights.to_kohya())
+            preview_images.append(images)
+            for image in images:  # shown live on the node
+                progress.update_absolute(step, config.steps, ("JPEG", image_to_pil(image), 768))
+        except comfy.model_management.InterruptProcessingException:
+            cancelled[0] = True
+
+    try:
+        result = train_lora(model, dataset, config, on_step, resume=resume, stop_at=stop_at_step,
+                            should_stop=should_stop, preview_every=previews.every_steps if previews else 0,
+                            on_preview=on_preview if previews else None)
+    except NonFiniteLoss as e:
+        raise rescue(node, model, config, e) from e
+    except MissingPackage as e:
+        raise node_error(node, "optimizer", str(e)) from e
+    except ValueError as e:
+        raise node_error(node, "model/dataset/training_state", str(e)) from e
+    if cancelled[0]:
+        # Cancel ends training, not the graph: the adapter so far goes on to Save LoRA. A second Cancel stops the rest.
+        comfy.model_management.interrupt_current_processing(False)
+        _EarlyStops.count += 1
+        log.warning("%s: stopped by Cancel at step %d of %d; the adapter so far goes on to the next nodes "
+                    "(press Cancel again to stop them)", node, result.state.step if result.state else 0, config.steps)
+    return outputs(model, config, result, preview_images, cancelled[0])
+
+
+def lora_info(model, config: TrainConfig, result: TrainResult, stopped_early: bool) -> dict[str, str]:
+    base_name = model.model_options.get(MODEL_NAME_OPTION, "unknown")
+    step = result.state.step if result.state else config.steps
+    info = {
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.alpha),
+        "ss_steps": str(step),
+        "ss_max_train_steps": str(config.steps),
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_lr_scheduler": config.lr_schedule,
+        "ss_lr_warmup_steps": str(config.warmup_steps),
+        "ss_optimizer": config.optimizer,
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation),
+        "ss_max_grad_norm": str(config.max_grad_norm),
+        "ss_timestep_sampling": config.timestep_sampling,
+        "ss_loss_type": config.loss,
+        "ss_caption_dropout_rate": str(config.caption_dropout),
+        "ss_seed": str(config.seed),
+        "ss_guidance_scale": str(config.guidance),
+        "ss_training_base": base_name,
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "dev2pro_training_guidance": str(config.guidance),
+        "dev2pro_base_model": base_name,
+    }
+    if result.losses:
+        info["dev2pro_final_loss"] = f"{result.losses[-1]:.6g}"
+    if stopped_early:
+        info["dev2pro_stopped_early"] = f"cancelled at step {step} of {config.steps}"
+    return info
+
+
+def outputs(model, config: TrainConfig, result: TrainResult, preview_images: list[torch.Tensor],
+            stopped_early: bool) -> io.NodeOutput:
+    info = lora_info(model, config, result, stopped_early)
+    lora = TrainedLoRA(result.weights.to_kohya(), info)
+    step = result.state.step if result.state else config.steps
+    title = f"step {step}/{config.steps} at guidance {config.guidance}" + (", cancelled" if stopped_early else "")
+    curve = pil_to_image(draw_loss_curve(result.losses, title)) if result.losses else torch.zeros(1, 64, 64, 3)
+    previews = torch.cat(preview_images) if preview_images else torch.zeros(1, 64, 64, 3)
+    if result.state is not None:
+        result.state.info.update(info)
+    return io.NodeOutput(lora, curve, previews, result.state)
+
+
+def rescue(node: str, model, config: TrainConfig, error: NonFiniteLoss) -> ValueError:
+    """Save the last good adapter and its state, and say where, so a NaN never costs the run."""
+    good = error.result
+    info = lora_info(model, config, good, stopped_early=False)
+    info["dev2pro_stopped_early"] = f"{error.what} became NaN/inf at step {error.step}"
+    where = ""
+    if good.state is not None and good.state.step > 0:
+        good.state.info.update(info)
+        path = write_lora(good.weights.to_kohya(), info, f"{RESCUE_PREFIX}step_{good.state.step:05d}", good.state)
+        where = (f" The adapter after step {good.state.step}, the last good one, and its training state are saved as "
+                 f"{path}; continue from it with Load Training State.")
+    return node_error(node, "learning_rate", f"training stopped: {error}.{where} Lower the learning rate, keep "
+                      "max_grad_norm on (1.0), or check the dataset for broken images.")
+
+
+def training_guidance(model) -> float:
+    guidance = model.model_options.get(GUIDANCE_OPTION)
+    if guidance is None:
+        log.info("Dev2ProTrainLoRA: no Dev2ProTrainingGuidance on the model; training at guidance %s",
+                 DEFAULT_TRAINING_GUIDANCE)
+        return DEFAULT_TRAINING_GUIDANCE
+    return guidance
+
+
+OUTPUTS = [
+    io.LoraModel.Output(display_name="lora", tooltip="The trained adapter (kohya keys). Works with Dev2ProSaveLoRA, "
+                        "Dev2ProApplyLoRA and ComfyUI's Load/Save LoRA nodes."),
+    io.Image.Output(display_name="loss_curve", tooltip="Loss per step and its moving average, over the whole run."),
+    io.Image.Output(display_name="previews", tooltip="Every preview image of this node, in order (a black 64x64 "
+                    "image when no previews are connected)."),
+    TrainingStateType.Output(display_name="training_state", tooltip="Adapter, optimizer and step: continue with "
+                             "Continue Training, or save it beside the LoRA with Save LoRA."),
+]
+STOP_AT_TOOLTIP = ("Stop after this step of the run and hand over, to chain 'train -> preview -> continue' in one "
+                   "graph. 0 runs to the end.")
 
 
 class Dev2ProTrainLoRA(io.ComfyNode):
@@ -45,72 +193,157 @@ class Dev2ProTrainLoRA(io.ComfyNode):
             category=CATEGORY,
             description="Trains a LoRA on the double and single blocks of a Flux transformer with the rectified-"
             "flow velocity loss, at the guidance set by Dev2ProTrainingGuidance (1.0 when none is set). "
-            "The input MODEL is left exactly as it was.",
+            "The input MODEL is left exactly as it was. Cancel stops after the current step and passes the "
+            "adapter so far on.",
             inputs=[
                 io.Model.Input("model", tooltip="Flux-dev2pro from Dev2ProLoadModel, through Dev2ProTrainingGuidance."),
-                Dataset.Input("dataset", tooltip="From Dev2ProDatasetFromLatents."),
+                Dataset.Input("dataset", tooltip="From Dataset from Folder or Dataset from Latents."),
                 io.Int.Input("steps", default=1000, min=1, max=100000,
-                             tooltip="Optimizer steps, one image each. 1000-2000 is typical for a subject LoRA."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-2, step=1e-5,
-                               tooltip="AdamW learning rate. 1e-4 suits Flux LoRAs at rank 16."),
+                             tooltip="Optimizer steps of the run; the learning-rate schedule spans them. 1000-2000 "
+                             "is typical for a subject LoRA."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=10.0, step=1e-5,
+                               tooltip="1e-4 suits AdamW at rank 16; Adafactor similar; Prodigy takes 1.0 (it sets "
+                               "its own step size and treats this as a multiplier)."),
                 io.Int.Input("rank", default=16, min=1, max=256,
                              tooltip="LoRA rank: capacity and file size (rank 16 is about 150 MB in bf16)."),
                 io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5,
                                tooltip="LoRA alpha; the update is scaled by alpha / rank. alpha = rank means 1.0."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seeds the LoRA init, image order, noise and timesteps: same seed, same LoRA."),
+                             tooltip="Seeds the LoRA init, image order, noise, timesteps and caption dropout: same "
+                             "inputs and seed, same LoRA."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute each block in the backward pass: far less memory, ~30% slower."),
+                                 tooltip="Recompute each block in the backward pass: far less memory, slower."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, optional=True,
+                             tooltip="Images per micro-batch, each with its own caption. Batches hold images of one "
+                             "bucket (size), so a bucket's last batch can be smaller."),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=256, optional=True,
+                             tooltip="Micro-batches per optimizer step: an effective batch of batch_size x this "
+                             "without the memory."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
+                               tooltip="adamw (fused on CUDA); adafactor (less optimizer memory); prodigy (needs "
+                               "'pip install prodigyopt'; set learning_rate 1.0)."),
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant", optional=True,
+                               tooltip="After warmup: constant, or linear / cosine decay towards 0 at the last step."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
+                             tooltip="Raise the learning rate linearly over this many steps first."),
+                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, optional=True,
+                               tooltip="Clip the adapter's gradient norm to this; 0 turns clipping off."),
+                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default="flux_shift",
+                               optional=True,
+                               tooltip="flux_shift: sigmoid of a normal, shifted for the image size as Flux-dev "
+                               "samples (default). shift: with a fixed shift. sigmoid, logit_normal, uniform. "
+                               "Scale, shift and mean/std come from Advanced Training Settings."),
+                io.Combo.Input("loss", options=list(LOSSES), default="mse", optional=True,
+                               tooltip="mse, or huber (less swayed by outlier steps; delta in the advanced settings)."),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.99, step=0.01, optional=True,
+                               tooltip="Chance of training a sample with the empty caption instead of its own. Needs "
+                               "Dataset from Folder, which encodes the empty caption."),
+                io.Int.Input("stop_at_step", default=0, min=0, max=100000, optional=True, tooltip=STOP_AT_TOOLTIP),
+                PreviewSettings.Input("previews", optional=True,
+                                      tooltip="From Training Previews: sample on Flux-dev every N steps."),
+                AdvancedSettings.Input("advanced", optional=True,
+                                       tooltip="From Advanced Training Settings: timestep and loss details, weight decay."),
             ],
-            outputs=[
-                io.LoraModel.Output(display_name="lora", tooltip="The trained adapter (kohya keys). Works with "
-                                    "Dev2ProSaveLoRA, Dev2ProApplyLoRA and ComfyUI's Load/Save LoRA nodes."),
-                io.Image.Output(display_name="loss_curve", tooltip="Loss per step and its moving average."),
-            ],
+            outputs=OUTPUTS,
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, dataset: TrainingDataset, steps, learning_rate, rank, alpha, seed,
-                gradient_checkpointing) -> io.NodeOutput:
-        guidance = model.model_options.get(GUIDANCE_OPTION)
-        if guidance is None:
-            guidance = DEFAULT_TRAINING_GUIDANCE
-            log.info("Dev2ProTrainLoRA: no Dev2ProTrainingGuidance on the model; training at guidance %s", guidance)
-        config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, seed=seed,
-                             guidance=guidance, gradient_checkpointing=gradient_checkpointing)
-        node_id = cls.hidden.unique_id
-        progress = comfy.utils.ProgressBar(steps, node_id=node_id)
-        last_step_end = [time.perf_counter()]
+    def fingerprint_inputs(cls, **kwargs):
+        return _EarlyStops.count
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            now = time.perf_counter()
-            seconds, last_step_end[0] = now - last_step_end[0], now
-            progress.update_absolute(step, total)
-            send_event(node_id, {"step": step, "total": total, "loss": loss, "learning_rate": learning_rate,
-                                 "seconds_per_step": seconds})
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
+    @classmethod
+    def execute(cls, model, dataset: TrainingDataset, steps, learning_rate, rank, alpha, seed, gradient_checkpointing,
+                batch_size=1, gradient_accumulation=1, optimizer="adamw", lr_schedule="constant", warmup_steps=0,
+                max_grad_norm=1.0, timestep_sampling="flux_shift", loss="mse", caption_dropout=0.0, stop_at_step=0,
+                previews=None, advanced=None) -> io.NodeOutput:
+        settings = dict(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, seed=seed,
+                        guidance=training_guidance(model), gradient_checkpointing=gradient_checkpointing,
+                        batch_size=batch_size, gradient_accumulation=gradient_accumulation, optimizer=optimizer,
+                        lr_schedule=lr_schedule, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                        timestep_sampling=timestep_sampling, loss=loss, caption_dropout=caption_dropout)
+        config = TrainConfig(**settings, **(advanced or {}))
         try:
-            result = train_lora(model, dataset, config, on_step)
+            config.validate()
         except ValueError as e:
-            raise node_error("Dev2ProTrainLoRA", "model/dataset", str(e)) from e
-        base_name = model.model_options.get(MODEL_NAME_OPTION, "unknown")
-        info = {
-            "ss_network_dim": str(rank),
-            "ss_network_alpha": str(alpha),
-            "ss_steps": str(steps),
-            "ss_max_train_steps": str(steps),
-            "ss_learning_rate": str(learning_rate),
-            "ss_optimizer": "torch.optim.AdamW",
-            "ss_seed": str(seed),
-            "ss_guidance_scale": str(guidance),
-            "ss_training_base": base_name,
-            "ss_gradient_checkpointing": str(gradient_checkpointing),
-            "dev2pro_training_guidance": str(guidance),
-            "dev2pro_base_model": base_name,
-            "dev2pro_final_loss": f"{result.losses[-1]:.6g}",
-        }
-        lora = TrainedLoRA(result.weights.to_kohya(), info)
-        title = f"{len(lora) // 3} layers, {steps} steps at guidance {guidance}, {result.seconds:.0f} s"
-        return io.NodeOutput(lora, pil_to_image(draw_loss_curve(result.losses, title)))
+            raise node_error("Dev2ProTrainLoRA", str(e).split(" ")[0], str(e)) from e
+        return run_training("Dev2ProTrainLoRA", cls.hidden.unique_id, model, dataset, config, None, stop_at_step,
+                            previews)
+
+
+class Dev2ProContinueTraining(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Dev2ProContinueTraining",
+            display_name="Continue Training (Dev2Pro)",
+            category=CATEGORY,
+            description="Carries a training run on from its state (from Train LoRA or Load Training State) with the "
+            "same settings: N then M steps give exactly the adapter of N+M uninterrupted steps.",
+            inputs=[
+                TrainingStateType.Input("training_state", tooltip="From Train LoRA, Continue Training or Load "
+                                        "Training State."),
+                io.Model.Input("model", tooltip="The same training base (Flux-dev2pro through Training Guidance)."),
+                Dataset.Input("dataset", tooltip="The dataset to go on with, normally the run's own."),
+                io.Int.Input("steps", default=0, min=0, max=100000,
+                             tooltip="Total steps of the run. 0 keeps the run's own; more extends it (with a "
+                             "decaying schedule, that stretches the schedule)."),
+                io.Int.Input("stop_at_step", default=0, min=0, max=100000, tooltip=STOP_AT_TOOLTIP),
+                PreviewSettings.Input("previews", optional=True,
+                                      tooltip="From Training Previews: sample on Flux-dev every N steps."),
+            ],
+            outputs=OUTPUTS,
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return _EarlyStops.count
+
+    @classmethod
+    def execute(cls, training_state: TrainingState, model, dataset, steps, stop_at_step, previews=None) -> io.NodeOutput:
+        config = training_state.config
+        guidance = training_guidance(model)
+        if guidance != config.guidance:
+            raise node_error("Dev2ProContinueTraining", "model", f"the run trained at guidance {config.guidance}, this "
+                             f"model is set to {guidance}; use the same Training Guidance value.")
+        if steps:
+            config = TrainConfig.from_dict({**config.to_dict(), "steps": steps})
+        if training_state.step >= config.steps:
+            log.info("Dev2ProContinueTraining: the run is already at step %d of %d; raise 'steps' to train more",
+                     training_state.step, config.steps)
+        return run_training("Dev2ProContinueTraining", cls.hidden.unique_id, model, dataset, config, training_state,
+                            stop_at_step, previews)
+
+
+class Dev2ProTrainAdvanced(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Dev2ProTrainAdvanced",
+            display_name="Advanced Training Settings (Dev2Pro)",
+            category=CATEGORY,
+            description="Details of timestep sampling, the Huber loss and weight decay for Train LoRA.",
+            inputs=[
+                io.Float.Input("sigmoid_scale", default=1.0, min=0.01, max=10.0, step=0.05,
+                               tooltip="flux_shift / shift / sigmoid: t = sigmoid(scale x N(0,1)); larger spreads "
+                               "timesteps towards both ends."),
+                io.Float.Input("shift", default=3.0, min=0.01, max=100.0, step=0.05,
+                               tooltip="timestep_sampling 'shift': t' = s t / (1 + (s-1) t); above 1 favours noisier "
+                               "steps."),
+                io.Float.Input("logit_mean", default=0.0, min=-5.0, max=5.0, step=0.05,
+                               tooltip="timestep_sampling 'logit_normal': mean of the normal before the sigmoid."),
+                io.Float.Input("logit_std", default=1.0, min=0.01, max=5.0, step=0.05,
+                               tooltip="timestep_sampling 'logit_normal': its standard deviation."),
+                io.Float.Input("huber_delta", default=0.1, min=0.001, max=10.0, step=0.01,
+                               tooltip="loss 'huber': quadratic below this error, linear above."),
+                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001,
+                               tooltip="Decoupled weight decay of the optimizer."),
+            ],
+            outputs=[AdvancedSettings.Output(display_name="advanced", tooltip="For Train LoRA's 'advanced' input.")],
+        )
+
+    @classmethod
+    def execute(cls, sigmoid_scale, shift, logit_mean, logit_std, huber_delta, weight_decay) -> io.NodeOutput:
+        return io.NodeOutput(dict(sigmoid_scale=sigmoid_scale, shift=shift, logit_mean=logit_mean,
+                                  logit_std=logit_std, huber_delta=huber_delta, weight_decay=weight_decay))

@@ -1,0 +1,81 @@
+"""Training settings, validated once at the boundary: every later stage may trust them."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+# Where Dev2ProTrainingGuidance stores its value in a ModelPatcher's model_options.
+GUIDANCE_OPTION = "dev2pro_training_guidance"
+DEFAULT_TRAINING_GUIDANCE = 1.0
+
+OPTIMIZERS = ("adamw", "adafactor", "prodigy")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+TIMESTEP_SAMPLINGS = ("flux_shift", "shift", "sigmoid", "logit_normal", "uniform")
+LOSSES = ("mse", "huber")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 500
+    learning_rate: float = 1e-4
+    rank: int = 16
+    alpha: float = 16.0
+    seed: int = 0
+    guidance: float = DEFAULT_TRAINING_GUIDANCE
+    gradient_checkpointing: bool = True
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    timestep_sampling: str = "flux_shift"
+    sigmoid_scale: float = 1.0
+    shift: float = 3.0  # the fixed shift of timestep_sampling "shift"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss: str = "mse"
+    huber_delta: float = 0.1
+    caption_dropout: float = 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting and what it accepts; called once, before any work."""
+        checks = [
+            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
+            (0 < self.learning_rate < 10, f"learning_rate must be in (0, 10), got {self.learning_rate}"),
+            (1 <= self.rank <= 256, f"rank must be 1..256, got {self.rank}"),
+            (self.alpha > 0, f"alpha must be positive, got {self.alpha}"),
+            (math.isfinite(self.guidance) and self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.gradient_accumulation >= 1, f"gradient_accumulation must be at least 1, got {self.gradient_accumulation}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
+            (0 <= self.warmup_steps < self.steps or self.warmup_steps == 0,
+             f"warmup_steps must be below steps ({self.steps}), got {self.warmup_steps}"),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"),
+            (self.timestep_sampling in TIMESTEP_SAMPLINGS,
+             f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got {self.timestep_sampling!r}"),
+            (self.sigmoid_scale > 0, f"sigmoid_scale must be positive, got {self.sigmoid_scale}"),
+            (self.shift > 0, f"shift must be positive, got {self.shift}"),
+            (self.logit_std > 0, f"logit_std must be positive, got {self.logit_std}"),
+            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (self.huber_delta > 0, f"huber_delta must be positive, got {self.huber_delta}"),
+            (0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    # Settings a continued run must share with the run it continues: they shape the adapter or its optimizer.
+    STATE_BOUND = ("rank", "alpha", "optimizer")
