@@ -94,7 +94,7 @@ def build_folder_dataset(folder: str, resolution: int, trigger_word: str, missin
         t = cache.get("text", key, make)
         return t["context"], t["pooled"]
 
-    with torch.inference_mode(False):
+    with torch.no_grad():  # the encoders' weights may require grad; nothing here is trained
         embeddings = []
         for caption in captions:
             embeddings.append(text(caption, 0))
@@ -107,19 +107,21 @@ def build_folder_dataset(folder: str, resolution: int, trigger_word: str, missin
         if empty[0].shape[0] != length:
             raise DatasetError(f"the text encoder gave {empty[0].shape[0]} tokens for the empty caption, not {length}")
         done += 1
-        samples = []
-        for entry, caption, (context, pooled) in zip(entries, captions, embeddings):
+        latents = []
+        for entry in entries:
             key = {"image": file_sha256(entry.path), "resolution": resolution, "vae": vae_id}
 
             def make(path=entry.path):
                 pixels = torch.from_numpy(training_pixels(path, resolution))[None]
                 return {"latent": encode_image(pixels)[0]}
 
-            latent = cache.get("latent", key, make)["latent"]
-            samples.append(TrainingSample(latent.clone(), context.clone(), pooled.clone(), caption, entry.path, entry.repeats))
+            latents.append(cache.get("latent", key, make)["latent"])
             done += 1
             if on_progress:
                 on_progress(done, total)
+    with torch.inference_mode(False):  # ordinary tensors: autograd refuses inference tensors
+        samples = [TrainingSample(latent.clone(), context.clone(), pooled.clone(), caption, entry.path, entry.repeats)
+                   for entry, caption, latent, (context, pooled) in zip(entries, captions, latents, embeddings)]
         dataset = TrainingDataset(samples, empty_caption=(empty[0].clone(), empty[1].clone()))
     sizes = sorted({(s.latent.shape[-1] * 8, s.latent.shape[-2] * 8) for s in samples})
     dataset.info = {"folder": folder, "images": str(len(samples)), "buckets": " ".join(f"{w}x{h}" for w, h in sizes),

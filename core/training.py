@@ -219,7 +219,7 @@ class _Run:
                     up.copy_(saved.up[name])
         self.optimizer = make_optimizer(self.config, flat_parameters(self.adapter), device)
         if self.resume is not None:
-            self.optimizer.load_state_dict(self.resume.optimizer)
+            self.optimizer.load_state_dict(_to_cpu(self.resume.optimizer))  # fresh copies, never inference tensors
             self.resume = None
 
     def weights(self) -> LoRAWeights:
@@ -232,7 +232,8 @@ class _Run:
 
 def _to_cpu(value):
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
+        with torch.inference_mode(False):
+            return value.detach().cpu().clone()
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

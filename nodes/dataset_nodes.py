@@ -107,9 +107,9 @@ class Dev2ProDataset(io.ComfyNode):
                                 "webp, bmp, tif; captions: a .txt file with the same name as each image."),
                 io.Vae.Input("vae", tooltip="The Flux VAE (ae.safetensors)."),
                 io.Clip.Input("clip", tooltip="The Flux text encoders (DualCLIPLoader: clip_l + t5xxl, type flux)."),
-                io.Int.Input("resolution", default=1024, min=256, max=2048, step=64,
+                io.Int.Input("resolution", default=1024, min=64, max=2048, step=64,
                              tooltip="Training size: each image is scaled to about resolution² pixels at its own "
-                             "aspect ratio (sides in multiples of 64) and centre-cropped; never scaled up."),
+                             "aspect ratio (sides in multiples of 64) and centre-cropped; never scaled up. 512-1024 for Flux."),
                 io.String.Input("trigger_word", default="", optional=True,
                                 tooltip="Put before every caption ('sks dog' -> 'sks dog, <caption>'). Empty: none."),
                 io.Combo.Input("missing_captions", options=list(MISSING_CAPTION_POLICIES), default="error",

@@ -6,6 +6,7 @@ inputs and outputs live in a temporary root so the ComfyUI install is never writ
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import sys
@@ -55,6 +56,7 @@ class Comfy:
 
     def run(self, prompt: dict) -> dict:
         """Validate and execute an API-format prompt; returns the history outputs. Raises with ComfyUI's error."""
+        prompt = copy.deepcopy(prompt)  # as the server parses each request anew; ComfyUI writes into the prompt
         prompt_id = str(uuid.uuid4())
         ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not ok:
@@ -83,7 +85,7 @@ def comfy(tmp_path_factory):
         os.makedirs(os.path.join(root, "models", folder))
         folder_paths.folder_names_and_paths[folder] = ([os.path.join(root, "models", folder)], folder_paths.supported_pt_extensions)
     for name, setter in (("output", folder_paths.set_output_directory), ("input", folder_paths.set_input_directory),
-                         ("temp", folder_paths.set_temp_directory)):
+                         ("temp", folder_paths.set_temp_directory), ("user", folder_paths.set_user_directory)):
         os.makedirs(os.path.join(root, name))
         setter(os.path.join(root, name))
     logging.getLogger().setLevel(logging.ERROR)

@@ -37,11 +37,16 @@ class TestDev2ProLatents:
             "count": ("INT", {"default": 2, "min": 1, "max": 64}),
             "size": ("INT", {"default": 8, "min": 2, "max": 256}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+        }, "optional": {
+            "broken_index": ("INT", {"default": -1, "min": -1, "max": 63}),  # this latent gets a NaN
         }}
 
-    def make(self, count, size, seed):
+    def make(self, count, size, seed, broken_index=-1):
         g = torch.Generator().manual_seed(seed)
-        return ({"samples": torch.randn(count, 16, size, size, generator=g)},)
+        samples = torch.randn(count, 16, size, size, generator=g)
+        if broken_index >= 0:
+            samples[broken_index, 0, 0, 0] = float("nan")
+        return ({"samples": samples},)
 
 
 NODE_CLASS_MAPPINGS = {"TestDev2ProConditioning": TestDev2ProConditioning, "TestDev2ProLatents": TestDev2ProLatents}

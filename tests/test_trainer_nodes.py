@@ -1,0 +1,138 @@
+"""The training nodes in real ComfyUI graphs: previews on Flux-dev, chained and resumed runs, NaN rescue."""
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import comfy.ldm.flux.model as comfy_flux
+import random_models
+from comfy.ldm.flux.layers import timestep_embedding
+from conftest import ExecutionFailed
+
+
+@pytest.fixture(scope="module")
+def files(comfy):
+    """Two small Flux models that read CLIP-L-wide text (dev2pro to train, dev to preview), a VAE and CLIP-L."""
+    dev2pro = random_models.write_flux(comfy.path("diffusion_models", "nodes_dev2pro.safetensors"), random_models.DEMO_FLUX, seed=5)
+    dev = random_models.write_flux(comfy.path("diffusion_models", "nodes_dev.safetensors"), random_models.DEMO_FLUX, seed=6)
+    random_models.write_flux_vae(comfy.path("vae", "nodes_vae.safetensors"))
+    random_models.write_clip_l(comfy.path("text_encoders", "nodes_clip_l.safetensors"))
+    return {"dev2pro": dev2pro, "dev": dev}
+
+
+def graph(train_inputs=None, broken_index=-1):
+    return {
+        "load": {"class_type": "Dev2ProLoadModel", "inputs": {"model_name": "nodes_dev2pro.safetensors", "weight_dtype": "fp8_e4m3fn"}},
+        "guidance": {"class_type": "Dev2ProTrainingGuidance", "inputs": {"model": ["load", 0], "guidance": 1.0}},
+        "latents": {"class_type": "TestDev2ProLatents", "inputs": {"count": 2, "size": 8, "seed": 1, "broken_index": broken_index}},
+        "cond": {"class_type": "TestDev2ProConditioning", "inputs": {
+            "context_dim": 768, "pooled_dim": 768, "tokens": 6, "count": 2, "seed": 2, "guidance": 3.5}},
+        "dataset": {"class_type": "Dev2ProDatasetFromLatents", "inputs": {"latents": ["latents", 0], "conditioning": ["cond", 0]}},
+        "train": {"class_type": "Dev2ProTrainLoRA", "inputs": {
+            "model": ["guidance", 0], "dataset": ["dataset", 0], "steps": 4, "learning_rate": 1e-3, "rank": 4,
+            "alpha": 4.0, "seed": 0, "gradient_checkpointing": True, "lr_schedule": "cosine", **(train_inputs or {})}},
+    }
+
+
+def preview_nodes(every_steps=2):
+    return {
+        "dev": {"class_type": "Dev2ProLoadModel", "inputs": {"model_name": "nodes_dev.safetensors", "weight_dtype": "fp8_e4m3fn"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "nodes_vae.safetensors"}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": "nodes_clip_l.safetensors", "type": "stable_diffusion"}},
+        "previews": {"class_type": "Dev2ProPreviewSettings", "inputs": {
+            "model": ["dev", 0], "clip": ["clip", 0], "vae": ["vae", 0], "prompts": "a dog\n\na cat on a sofa",
+            "every_steps": every_steps, "guidance": 3.5, "steps": 1, "width": 64, "height": 64, "seed": 0,
+            "sampler_name": "euler", "scheduler": "simple"}},
+    }
+
+
+def saved(comfy, outputs, node="save"):
+    [name] = outputs[node]["lora_files"]
+    return comfy.path("loras", name)
+
+
+def test_previews_sample_flux_dev_at_its_guidance_with_the_adapter(comfy, files):
+    fp8 = {name: load_file(path)["img_in.weight"].to(torch.float8_e4m3fn) for name, path in files.items()}
+    calls, hooked, handles = [], set(), []
+
+    def on_any_module(module, args):  # every Flux transformer the graph builds: which weights, which guidance
+        if isinstance(module, comfy_flux.Flux) and id(module) not in hooked:
+            hooked.add(id(module))
+
+            def on_guidance(_, guidance_args, flux=module):
+                which = [n for n, w in fp8.items() if torch.equal(flux.img_in.weight.to(torch.float8_e4m3fn), w)]
+                calls.append((which, guidance_args[0].detach().float().clone()))
+
+            handles.append(module.guidance_in.register_forward_pre_hook(on_guidance))
+
+    g = {**graph(), **preview_nodes()}
+    g["train"]["inputs"]["previews"] = ["previews", 0]
+    g["show"] = {"class_type": "PreviewImage", "inputs": {"images": ["train", 2]}}
+    handles.append(torch.nn.modules.module.register_module_forward_pre_hook(on_any_module))
+    try:
+        outputs = comfy.run(g)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(outputs["show"]["images"]) == 4  # after steps 2 and 4, one image per prompt
+    at = {value: timestep_embedding(torch.tensor([value]), 256).float() for value in (1.0, 3.5)}
+    training = [which for which, e in calls if torch.allclose(e, at[1.0], atol=1e-3)]
+    previews = [which for which, e in calls if torch.allclose(e, at[3.5], atol=1e-2)]
+    assert len(training) + len(previews) == len(calls)
+    assert training == [["dev2pro"]] * 4
+    assert previews == [["dev"]] * 4  # two rounds x two prompts x one sampling step, all on Flux-dev
+
+
+def test_train_preview_continue_in_one_graph_equals_one_uninterrupted_run(comfy, files):
+    straight = graph()
+    straight["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["train", 0], "filename_prefix": "chain/straight"}}
+    chained = {**graph({"stop_at_step": 2}), **preview_nodes(every_steps=2)}
+    chained["train"]["inputs"]["previews"] = ["previews", 0]
+    chained["more"] = {"class_type": "Dev2ProContinueTraining", "inputs": {
+        "training_state": ["train", 3], "model": ["guidance", 0], "dataset": ["dataset", 0], "steps": 0, "stop_at_step": 0}}
+    chained["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {
+        "lora": ["more", 0], "filename_prefix": "chain/chained", "training_state": ["more", 3]}}
+    a = load_file(saved(comfy, comfy.run(straight)))
+    outputs = comfy.run(chained)
+    b = load_file(saved(comfy, outputs))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert outputs["save"]["training_state_files"] == ["chain/chained_00001.dev2pro-state"]
+
+
+def test_a_saved_training_state_continues_in_a_new_graph(comfy, files):
+    first = graph({"stop_at_step": 3, "steps": 6})
+    first["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {
+        "lora": ["train", 0], "filename_prefix": "resume/part", "training_state": ["train", 3]}}
+    [state_file] = comfy.run(first)["save"]["training_state_files"]
+    assert os.path.isfile(comfy.path("loras", state_file))
+    second = {k: v for k, v in graph().items() if k not in ("train",)}
+    second["state"] = {"class_type": "Dev2ProLoadTrainingState", "inputs": {"state_file": state_file}}
+    second["more"] = {"class_type": "Dev2ProContinueTraining", "inputs": {
+        "training_state": ["state", 0], "model": ["guidance", 0], "dataset": ["dataset", 0], "steps": 0, "stop_at_step": 0}}
+    second["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["more", 0], "filename_prefix": "resume/rest"}}
+    straight = graph({"steps": 6})
+    straight["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["train", 0], "filename_prefix": "resume/whole"}}
+    rest = load_file(saved(comfy, comfy.run(second)))
+    whole = load_file(saved(comfy, comfy.run(straight)))
+    assert all(torch.equal(rest[k], whole[k]) for k in whole)
+
+
+def test_a_nan_loss_stops_with_a_clear_error_and_saves_the_last_good_adapter(comfy, files, core_module=None):
+    core = comfy.pack.core
+    probe = core.dataset.TrainingDataset([core.dataset.TrainingSample(torch.zeros(16, 8, 8), torch.zeros(6, 768),
+                                                                      torch.zeros(768)) for _ in range(2)])
+    plan = core.dataset.BatchPlan(probe, 1, 0)
+    bad_step = next(k + 1 for k in range(20) if plan.batch(k) != plan.batch(0))
+    g = graph({"steps": 20}, broken_index=plan.batch(bad_step - 1)[0])
+    g["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["train", 0], "filename_prefix": "nan/lora"}}
+    with pytest.raises(ExecutionFailed) as caught:
+        comfy.run(g)
+    message = caught.value.message
+    assert f"Dev2ProTrainLoRA (learning_rate): training stopped: the loss became NaN or infinite at step {bad_step}" in message
+    rescue = comfy.path("loras", "dev2pro-rescue", f"step_{bad_step - 1:05d}_00001.safetensors")
+    assert rescue in message and os.path.isfile(rescue)
+    assert os.path.isfile(rescue.replace(".safetensors", ".dev2pro-state"))
+    assert all(torch.isfinite(t.float()).all() for t in load_file(rescue).values())
+    assert not os.path.exists(comfy.path("loras", "nan"))
