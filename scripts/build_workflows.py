@@ -30,13 +30,11 @@ def node(class_type, title, **inputs):
 GRAPH = {
     "1": node("Dev2ProLoadModel", "Load Flux-dev2pro (training base)", model_name=DEV2PRO_FILE, weight_dtype="fp8_e4m3fn"),
     "2": node("Dev2ProTrainingGuidance", "Training guidance 1.0", model=["1", 0], guidance=1.0),
-    "3": node("LoadImageSetFromFolderNode", "Training images (ComfyUI/input/dev2pro_dataset)", folder=DATASET_FOLDER,
-              resize_method="None"),
     "4": node("VAELoader", "Flux VAE", vae_name=VAE_FILE),
-    "5": node("VAEEncode", "Encode training images", pixels=["3", 0], vae=["4", 0]),
     "6": node("DualCLIPLoader", "Flux text encoders", clip_name1=CLIP_L_FILE, clip_name2=T5_FILE, type="flux"),
-    "7": node("CLIPTextEncode", "Caption (one for all images)", clip=["6", 0], text="a photo of sks dog"),
-    "8": node("Dev2ProDatasetFromLatents", "Dataset", latents=["5", 0], conditioning=["7", 0]),
+    "8": node("Dev2ProDataset", "Training images + .txt captions (ComfyUI/input/dev2pro_dataset)",
+              folder=DATASET_FOLDER, vae=["4", 0], clip=["6", 0], resolution=1024, trigger_word="sks dog",
+              missing_captions="error"),
     "9": node("Dev2ProTrainLoRA", "Train LoRA on Flux-dev2pro", model=["2", 0], dataset=["8", 0], steps=1000,
               learning_rate=0.0001, rank=16, alpha=16.0, seed=0, gradient_checkpointing=True),
     "10": node("Dev2ProSaveLoRA", "Save LoRA to models/loras", lora=["9", 0], filename_prefix="dev2pro/flux_lora"),
@@ -55,8 +53,7 @@ GRAPH = {
 
 # Left to right: training column, dataset column, sampling column.
 POSITIONS = {
-    "1": (40, 40), "2": (40, 260), "3": (420, 40), "4": (420, 240), "5": (800, 40), "6": (420, 420),
-    "7": (800, 240), "8": (1180, 40), "9": (1180, 260), "10": (1560, 40), "11": (1560, 240), "12": (40, 700),
+    "1": (40, 40), "2": (40, 260), "4": (420, 240), "6": (420, 420), "8": (800, 40), "9": (1180, 260), "10": (1560, 40), "11": (1560, 240), "12": (40, 700),
     "13": (420, 700), "14": (800, 480), "15": (1180, 700), "16": (1180, 880), "17": (800, 900), "18": (1560, 700),
     "19": (1940, 700), "20": (2320, 700),
 }

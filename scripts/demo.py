@@ -121,6 +121,7 @@ def demo_prompt(prompt: dict, train_steps: int) -> dict:
     p["6"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion"},
               "_meta": {"title": "CLIP-L (demo: stands in for clip_l + t5xxl)"}}
     p["9"]["inputs"]["steps"] = train_steps
+    p["8"]["inputs"]["resolution"] = 64
     p["17"]["inputs"].update(width=64, height=64)
     p["18"]["inputs"]["steps"] = 4
     p["10"]["inputs"]["filename_prefix"] = "dev2pro/demo_lora"
@@ -158,6 +159,8 @@ def prepare_demo_folder(workdir: str) -> None:
             image = Image.new("RGB", (64, 64), "white")
             ImageDraw.Draw(image).ellipse([8 + 4 * i, 8, 56, 56 - 4 * i], fill=colour)
             image.save(path)
+        with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+            f.write(f"a {colour} ellipse on white")
     custom_nodes = os.path.join(workdir, "custom_nodes")
     os.makedirs(custom_nodes, exist_ok=True)
     link = os.path.join(custom_nodes, "dev2pro-lora")
