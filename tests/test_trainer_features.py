@@ -189,3 +189,13 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_adapter(core, model_f
     before = train(core, load(core, model_file), data, steps=20, stop_at=first_bad - 1)
     assert_same_adapter(kept.weights, before.weights)
     assert all(torch.isfinite(t).all() for t in kept.weights.down.values())
+
+
+def test_gradient_accumulation_runs_that_many_micro_batches_per_step(core, model_file):
+    patcher, calls, steps = load(core, model_file), [], []
+    hook = patcher.model.diffusion_model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        train(core, patcher, make_dataset(core), steps.append, steps=3, gradient_accumulation=3, batch_size=2)
+    finally:
+        hook.remove()
+    assert len(steps) == 3 and calls == [2] * 9
