@@ -1,7 +1,7 @@
 """Training samples (VAE latents paired with their text conditioning) and how they are drawn into batches."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -12,7 +12,6 @@ class TrainingSample:
     context: torch.Tensor  # [tokens, context_dim] T5 hidden states
     pooled: torch.Tensor  # [vec_dim] CLIP-L pooled output
     caption: str | None = None
-    source: str | None = None  # the image file, for messages
     repeats: int = 1  # kohya "N_name" folders: drawn N times per epoch
 
     def batch_key(self) -> tuple:
@@ -26,7 +25,6 @@ class TrainingDataset:
 
     samples: list[TrainingSample]
     empty_caption: tuple[torch.Tensor, torch.Tensor] | None = None
-    info: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.samples:

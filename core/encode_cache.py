@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -45,7 +45,6 @@ class EncodeCache:
     root: str
     hits: int = 0
     misses: int = 0
-    made: list[str] = field(default_factory=list)
 
     def get(self, kind: str, key: dict, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()
@@ -68,7 +67,6 @@ class EncodeCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         self.misses += 1
-        self.made.append(kind)
         return tensors
 
 
@@ -120,12 +118,10 @@ def build_folder_dataset(folder: str, resolution: int, trigger_word: str, missin
             if on_progress:
                 on_progress(done, total)
     with torch.inference_mode(False):  # ordinary tensors: autograd refuses inference tensors
-        samples = [TrainingSample(latent.clone(), context.clone(), pooled.clone(), caption, entry.path, entry.repeats)
+        samples = [TrainingSample(latent.clone(), context.clone(), pooled.clone(), caption, entry.repeats)
                    for entry, caption, latent, (context, pooled) in zip(entries, captions, latents, embeddings)]
         dataset = TrainingDataset(samples, empty_caption=(empty[0].clone(), empty[1].clone()))
     sizes = sorted({(s.latent.shape[-1] * 8, s.latent.shape[-2] * 8) for s in samples})
-    dataset.info = {"folder": folder, "images": str(len(samples)), "buckets": " ".join(f"{w}x{h}" for w, h in sizes),
-                    "cache_hits": str(cache.hits), "cache_misses": str(cache.misses)}
     log.info("dev2pro-lora: dataset %s: %d images in buckets %s; %d encoded, %d from the cache", folder, len(samples),
-             dataset.info["buckets"], cache.misses, cache.hits)
+             " ".join(f"{w}x{h}" for w, h in sizes), cache.misses, cache.hits)
     return dataset

@@ -55,7 +55,6 @@ class TrainingState:
 class TrainResult:
     weights: LoRAWeights
     losses: list[float] = field(default_factory=list)  # every step of the run, earlier sessions included
-    seconds: float = 0.0
     state: TrainingState | None = None
     stopped_early: bool = False
 
@@ -225,9 +224,11 @@ class _Run:
     def weights(self) -> LoRAWeights:
         return extract_weights(self.adapter, self.config.rank, self.config.alpha)
 
-    def state(self, info: dict[str, str]) -> TrainingState:
-        optimizer = _to_cpu(self.optimizer.state_dict())
-        return TrainingState(self.config, self.step, self.weights(), optimizer, list(self.losses), dict(info))
+    def result(self, stopped_early: bool = False) -> TrainResult:
+        """The adapter so far and the state to continue from; one CPU copy of the adapter serves both."""
+        state = TrainingState(self.config, self.step, self.weights(), _to_cpu(self.optimizer.state_dict()),
+                              list(self.losses))
+        return TrainResult(state.adapter, list(self.losses), state, stopped_early)
 
 
 def _to_cpu(value):
@@ -273,21 +274,19 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
     run = _Run(config, resume)
     end = min(config.steps, stop_at) if stop_at > 0 else config.steps
     plan = BatchPlan(dataset, config.batch_size, config.seed)
-    start = time.perf_counter()
+    previewing = on_preview is not None and preview_every > 0
     stopped = False
     while run.step < end and not stopped:
-        until = end
-        if on_preview is not None and preview_every > 0:
-            until = min(end, (run.step // preview_every + 1) * preview_every)
+        until = min(end, (run.step // preview_every + 1) * preview_every) if previewing else end
         stopped = _train_session(model_patcher, dataset, run, plan, until, on_step, should_stop)
-        if on_preview is not None and preview_every > 0 and (run.step % preview_every == 0 or run.step == end):
+        if previewing and (run.step % preview_every == 0 or run.step == end):
             on_preview(run.step, run.weights())
             stopped = stopped or bool(should_stop and should_stop())
     if run.adapter is None:  # nothing left to train: hand the resumed state back
         if resume is None:
             raise ValueError("no training steps to run")
-        return TrainResult(resume.adapter, list(resume.losses), 0.0, resume, stopped_early=False)
-    return TrainResult(run.weights(), list(run.losses), time.perf_counter() - start, run.state({}), stopped)
+        return TrainResult(resume.adapter, list(resume.losses), resume)
+    return run.result(stopped)
 
 
 def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: BatchPlan, until: int,
@@ -347,8 +346,7 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 run.optimizer.zero_grad(set_to_none=True)
                 what = "loss" if not math.isfinite(loss_value) else "gradient"
-                good = TrainResult(run.weights(), list(run.losses), 0.0, run.state({}))
-                raise NonFiniteLoss(step, what, good)
+                raise NonFiniteLoss(step, what, run.result())
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.step = step

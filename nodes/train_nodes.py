@@ -1,6 +1,7 @@
 """The training nodes: ComfyUI inputs in, a LORA_MODEL, a loss curve, previews and a training state out."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -184,7 +185,23 @@ STOP_AT_TOOLTIP = ("Stop after this step of the run and hand over, to chain 'tra
                    "graph. 0 runs to the end.")
 
 
-class Dev2ProTrainLoRA(io.ComfyNode):
+def stop_at_input(optional: bool):
+    return io.Int.Input("stop_at_step", default=0, min=0, max=100000, optional=optional, tooltip=STOP_AT_TOOLTIP)
+
+
+def previews_input():
+    return PreviewSettings.Input("previews", optional=True, tooltip="From Training Previews: sample on Flux-dev every "
+                                 "N steps.")
+
+
+class _TrainingNode(io.ComfyNode):
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        """Changes after a run ended by Cancel, so queuing again retrains instead of reusing the partial adapter."""
+        return _EarlyStops.count
+
+
+class Dev2ProTrainLoRA(_TrainingNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -238,19 +255,14 @@ class Dev2ProTrainLoRA(io.ComfyNode):
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.99, step=0.01, optional=True,
                                tooltip="Chance of training a sample with the empty caption instead of its own. Needs "
                                "Dataset from Folder, which encodes the empty caption."),
-                io.Int.Input("stop_at_step", default=0, min=0, max=100000, optional=True, tooltip=STOP_AT_TOOLTIP),
-                PreviewSettings.Input("previews", optional=True,
-                                      tooltip="From Training Previews: sample on Flux-dev every N steps."),
+                stop_at_input(optional=True),
+                previews_input(),
                 AdvancedSettings.Input("advanced", optional=True,
                                        tooltip="From Advanced Training Settings: timestep and loss details, weight decay."),
             ],
             outputs=OUTPUTS,
             hidden=[io.Hidden.unique_id],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return _EarlyStops.count
 
     @classmethod
     def execute(cls, model, dataset: TrainingDataset, steps, learning_rate, rank, alpha, seed, gradient_checkpointing,
@@ -271,7 +283,7 @@ class Dev2ProTrainLoRA(io.ComfyNode):
                             previews)
 
 
-class Dev2ProContinueTraining(io.ComfyNode):
+class Dev2ProContinueTraining(_TrainingNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -288,17 +300,12 @@ class Dev2ProContinueTraining(io.ComfyNode):
                 io.Int.Input("steps", default=0, min=0, max=100000,
                              tooltip="Total steps of the run. 0 keeps the run's own; more extends it (with a "
                              "decaying schedule, that stretches the schedule)."),
-                io.Int.Input("stop_at_step", default=0, min=0, max=100000, tooltip=STOP_AT_TOOLTIP),
-                PreviewSettings.Input("previews", optional=True,
-                                      tooltip="From Training Previews: sample on Flux-dev every N steps."),
+                stop_at_input(optional=False),
+                previews_input(),
             ],
             outputs=OUTPUTS,
             hidden=[io.Hidden.unique_id],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return _EarlyStops.count
 
     @classmethod
     def execute(cls, training_state: TrainingState, model, dataset, steps, stop_at_step, previews=None) -> io.NodeOutput:
@@ -308,7 +315,7 @@ class Dev2ProContinueTraining(io.ComfyNode):
             raise node_error("Dev2ProContinueTraining", "model", f"the run trained at guidance {config.guidance}, this "
                              f"model is set to {guidance}; use the same Training Guidance value.")
         if steps:
-            config = TrainConfig.from_dict({**config.to_dict(), "steps": steps})
+            config = dataclasses.replace(config, steps=steps)
         if training_state.step >= config.steps:
             log.info("Dev2ProContinueTraining: the run is already at step %d of %d; raise 'steps' to train more",
                      training_state.step, config.steps)

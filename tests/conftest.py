@@ -91,3 +91,27 @@ def comfy(tmp_path_factory):
     logging.getLogger().setLevel(logging.ERROR)
     pack = load_packs(nodes, PACK_DIR, os.path.join(PACK_DIR, "tests", "testing_pack"))
     return Comfy(root, pack)
+
+
+@pytest.fixture(scope="session")
+def core(comfy):
+    """The pack's plain-Python training core, as ComfyUI imported it."""
+    return comfy.pack.core
+
+
+def load_flux(core, path, dtype=None):
+    """A Flux checkpoint through the pack's loader, under inference mode as ComfyUI's executor runs nodes."""
+    import torch
+
+    with torch.inference_mode():
+        return core.flux_files.load_flux_model(path, dtype or torch.float8_e4m3fn)
+
+
+def train_tiny(core, patcher, data, on_step=None, stop_at=0, **settings):
+    """A short rank-4 training run on a tiny model, under inference mode as ComfyUI's executor runs nodes."""
+    import torch
+
+    config = core.training.TrainConfig(**{"steps": 4, "learning_rate": 1e-3, "rank": 4, "alpha": 4.0, **settings})
+    with torch.inference_mode():
+        return core.training.train_lora(patcher, data, config, on_step, stop_at=stop_at)
+

@@ -13,11 +13,6 @@ from conftest import ExecutionFailed
 
 
 @pytest.fixture(scope="module")
-def core(comfy):
-    return comfy.pack.core
-
-
-@pytest.fixture(scope="module")
 def encoders(comfy):
     """ComfyUI's VAE and CLIP objects from random full-size files, with counters on their encoders."""
     import nodes
@@ -114,7 +109,7 @@ def build(core, folder, encoders, cache_root, resolution=128, trigger=""):
     return data, cache
 
 
-def test_encode_cache_hits_and_invalidation(core, comfy, encoders, tmp_path, monkeypatch):
+def test_encode_cache_hits_and_invalidation(core, comfy, encoders, tmp_path):
     folder, cache_root = str(tmp_path / "set"), str(tmp_path / "cache")
     write_image(os.path.join(folder, "a.png"), size=(128, 128), caption="one")
     write_image(os.path.join(folder, "b.png"), size=(192, 128), color=(0, 90, 200), caption="two")
@@ -170,8 +165,8 @@ def test_dataset_node_trains_and_reruns_when_a_caption_changes(comfy, encoders, 
         elif type(module) is text_model:
             counts["text"] += 1
 
-    monkeypatch_hook = torch.nn.modules.module.register_module_forward_hook(count)
-    request.addfinalizer(monkeypatch_hook.remove)
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    request.addfinalizer(hook.remove)
     outputs = comfy.run(graph)
     assert outputs["save"]["lora_files"]
     assert counts == {"image": 2, "text": 3}

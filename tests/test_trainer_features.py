@@ -6,21 +6,13 @@ import pytest
 import torch
 
 import random_models
-
-
-@pytest.fixture(scope="module")
-def core(comfy):
-    return comfy.pack.core
+from conftest import load_flux as load
+from conftest import train_tiny as train
 
 
 @pytest.fixture(scope="module")
 def model_file(comfy):
     return random_models.write_flux(comfy.path("diffusion_models", "features.safetensors"), seed=31)
-
-
-def load(core, path):
-    with torch.inference_mode():
-        return core.flux_files.load_flux_model(path, torch.float8_e4m3fn)
 
 
 def make_dataset(core, sizes=((8, 8),) * 4, seed=0, empty_caption=False):
@@ -29,12 +21,6 @@ def make_dataset(core, sizes=((8, 8),) * 4, seed=0, empty_caption=False):
                                            torch.randn(32, generator=g)) for h, w in sizes]
     empty = (torch.zeros(6, 48), torch.zeros(32)) if empty_caption else None
     return core.dataset.TrainingDataset(samples, empty_caption=empty)
-
-
-def train(core, patcher, data, on_step=None, stop_at=0, **settings):
-    config = core.training.TrainConfig(**{"steps": 4, "learning_rate": 1e-3, "rank": 4, "alpha": 4.0, **settings})
-    with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return core.training.train_lora(patcher, data, config, on_step, stop_at=stop_at)
 
 
 def assert_same_adapter(a, b):

@@ -1,5 +1,4 @@
 """The training nodes in real ComfyUI graphs: previews on Flux-dev, chained and resumed runs, NaN rescue."""
-import math
 import os
 
 import pytest
@@ -119,7 +118,7 @@ def test_a_saved_training_state_continues_in_a_new_graph(comfy, files):
     assert all(torch.equal(rest[k], whole[k]) for k in whole)
 
 
-def test_a_nan_loss_stops_with_a_clear_error_and_saves_the_last_good_adapter(comfy, files, core_module=None):
+def test_a_nan_loss_stops_with_a_clear_error_and_saves_the_last_good_adapter(comfy, files):
     core = comfy.pack.core
     probe = core.dataset.TrainingDataset([core.dataset.TrainingSample(torch.zeros(16, 8, 8), torch.zeros(6, 768),
                                                                       torch.zeros(768)) for _ in range(2)])

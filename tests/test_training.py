@@ -11,24 +11,16 @@ import comfy.model_management
 import comfy.utils
 import graphs
 from conftest import ExecutionFailed
+from conftest import load_flux as load
+from conftest import train_tiny as train
 import random_models
 from comfy import model_management as comfy_model_management
 from comfy import utils as comfy_utils
 
 
 @pytest.fixture(scope="module")
-def core(comfy):
-    return comfy.pack.core
-
-
-@pytest.fixture(scope="module")
 def model_file(comfy):
     return random_models.write_flux(comfy.path("diffusion_models", "train_core.safetensors"), seed=21)
-
-
-def load(core, path, dtype=torch.float8_e4m3fn):
-    with torch.inference_mode():
-        return core.flux_files.load_flux_model(path, dtype)
 
 
 def dataset(core, images=1, seed=0):
@@ -37,12 +29,6 @@ def dataset(core, images=1, seed=0):
         latents = torch.randn(images, 16, 8, 8, generator=g)
         pairs = [(torch.randn(6, 48, generator=g), torch.randn(32, generator=g)) for _ in range(images)]
     return core.dataset.TrainingDataset.from_batches(latents, pairs)
-
-
-def train(core, patcher, data, **overrides):
-    config = core.training.TrainConfig(**{"steps": 4, "learning_rate": 1e-3, "rank": 4, "alpha": 4.0, **overrides})
-    with torch.inference_mode():
-        return core.training.train_lora(patcher, data, config)
 
 
 def velocity_loss(patcher, data, pairs=16):
