@@ -13,6 +13,8 @@ OPTIMIZERS = ("adamw", "adafactor", "prodigy")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TIMESTEP_SAMPLINGS = ("flux_shift", "shift", "sigmoid", "logit_normal", "uniform")
 LOSSES = ("mse", "huber")
+COMPILE_MODES = ("auto", "on", "off")  # auto: compile on CUDA, where it pays; eager elsewhere
+FLUX_BLOCKS = 57  # Flux.1: 19 double + 38 single blocks
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class TrainConfig:
     loss: str = "mse"
     huber_delta: float = 0.1
     caption_dropout: float = 0.0
+    compile: str = "auto"
+    blocks_to_swap: int = 0  # blocks whose weights stay in CPU memory and stream in (low-VRAM mode)
+
+    def compiled_on(self, device_type: str) -> bool:
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
 
     def validate(self) -> None:
         """Raise ValueError naming the setting and what it accepts; called once, before any work."""
@@ -64,6 +71,10 @@ class TrainConfig:
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
             (self.huber_delta > 0, f"huber_delta must be positive, got {self.huber_delta}"),
             (0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
+            (self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"),
+            (0 <= self.blocks_to_swap <= FLUX_BLOCKS, f"blocks_to_swap must be 0..{FLUX_BLOCKS}, got {self.blocks_to_swap}"),
+            (self.blocks_to_swap == 0 or self.gradient_checkpointing,
+             "blocks_to_swap needs gradient_checkpointing on (a swapped block's weights leave the GPU after it ran)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -11,13 +11,13 @@ class MissingPackage(RuntimeError):
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused kernels on CUDA), torch's Adafactor, or Prodigy from the ``prodigyopt`` package.
+    """AdamW (fused kernels, which can skip a NaN step on the device), torch's Adafactor, or Prodigy from the ``prodigyopt`` package.
 
     Prodigy estimates the step size itself: its learning rate is a multiplier, 1.0 as its authors advise.
     """
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                                 fused=device.type == "cuda")
+                                 fused=device.type in ("cuda", "cpu"))
     if config.optimizer == "adafactor":
         return torch.optim.Adafactor(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     try:

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 import comfy.model_base
 import comfy.model_management
 
+from .block_swap import block_swap
+from .blocks import BlockRunner
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
 from .lora_format import LoRAWeights
@@ -69,66 +70,6 @@ class NonFiniteLoss(ArithmeticError):
 
 StepCallback = Callable[[StepInfo], None]
 PreviewCallback = Callable[[int, LoRAWeights], None]
-
-
-def _call_on_copies(block_call, streams: list[torch.Tensor], use_checkpoint: bool):
-    """Run ``block_call(*copies)`` where the copies are the block's input streams, safely for autograd.
-
-    Flux's blocks add into their inputs in place (``txt += ...``, ``x += ...``) after normalising them, and the
-    normalisation saved the input for backward. With checkpointing the copies are made inside the recomputed
-    function, so backward recomputes from unmodified inputs. Without it, every tensor saved for backward that
-    shares memory with a copy is itself copied when saved, so the later in-place add cannot invalidate it.
-    """
-
-    def run(*inputs):
-        copies = [t.clone() for t in inputs]
-        if use_checkpoint:
-            return block_call(*copies)
-        mutated = {c.untyped_storage().data_ptr() for c in copies}
-
-        def pack(t):
-            return t.clone() if t.untyped_storage().data_ptr() in mutated else t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            return block_call(*copies)
-
-    if use_checkpoint:
-        return checkpoint(run, *streams, use_reentrant=False)
-    return run(*streams)
-
-
-def _block_replacements(model: torch.nn.Module, use_checkpoint: bool) -> dict:
-    """ComfyUI ``patches_replace`` entries that run each transformer block through ``_call_on_copies``.
-
-    Using ComfyUI's own hook leaves the modules untouched. Each entry binds its block itself: ComfyUI's
-    ``original_block`` closes over its loop variable, so calling it again during backward's recomputation would
-    run the last block instead.
-    """
-
-    def double(block):
-        def replace(args, extra):
-            def call(img, txt):
-                return block(img=img, txt=txt, vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
-                             transformer_options=args.get("transformer_options"))
-
-            img, txt = _call_on_copies(call, [args["img"], args["txt"]], use_checkpoint)
-            return {"img": img, "txt": txt}
-
-        return replace
-
-    def single(block):
-        def replace(args, extra):
-            def call(img):
-                return block(img, vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
-                             transformer_options=args.get("transformer_options"))
-
-            return {"img": _call_on_copies(call, [args["img"]], use_checkpoint)}
-
-        return replace
-
-    dit = {("double_block", i): double(b) for i, b in enumerate(model.double_blocks)}
-    dit.update({("single_block", i): single(b) for i, b in enumerate(model.single_blocks)})
-    return dit
 
 
 @contextlib.contextmanager
@@ -289,11 +230,44 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
     return run.result(stopped)
 
 
+def activation_bytes(config: TrainConfig, dataset: TrainingDataset, hidden: int = 3072) -> int:
+    """A generous estimate of the GPU memory a step needs besides the weights, for ComfyUI's model loading.
+
+    Measured on Flux-dev (H100, bf16 compute): with checkpointing about 0.8 MB per token (block inputs kept
+    for backward plus one block's recomputation); without it about 12 MB per token.
+    """
+    tokens = max(s.latent.shape[-1] * s.latent.shape[-2] // 4 + s.context.shape[-2] for s in dataset.samples)
+    per_token = 0.8e6 if config.gradient_checkpointing else 12e6
+    return int(tokens * config.batch_size * per_token * hidden / 3072) + 2**30
+
+
+@dataclass
+class _Launched:
+    """A step whose work is queued on the device; its loss and gradient norm are read once ``done`` is reached."""
+
+    step: int
+    learning_rate: float
+    indices: list[int]
+    stats: torch.Tensor  # [loss, gradient norm], on the CPU once ``done``
+    done: object  # a CUDA event, or None on the CPU
+
+
+def _deferred_check(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused AdamW can skip its update on the device (``found_inf``), so a NaN step needs no host sync to be
+    kept out of the adapter: the step's numbers are read one step later, while the GPU is busy."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
 def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: BatchPlan, until: int,
                    on_step: StepCallback | None, should_stop) -> bool:
-    """Train with the adapter in the model until step ``until``; returns whether ``should_stop`` asked to stop."""
+    """Train with the adapter in the model until step ``until``; returns whether ``should_stop`` asked to stop.
+
+    No host sync inside a step: the loss and gradient norm of step k are read during step k+1, after its forward
+    and backward are queued. A step's callback therefore comes one step late, and ``should_stop`` answered
+    after step k discards step k+1's gradients, so the run ends exactly at step k.
+    """
     config = run.config
-    comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
+    comfy.model_management.load_models_gpu([model_patcher], memory_required=activation_bytes(config, dataset))
     base = model_patcher.model
     transformer = base.diffusion_model
     device = model_patcher.load_device
@@ -302,57 +276,98 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
         compute_dtype = torch.bfloat16
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda" and compute_dtype != torch.float32)
     transformer_options = dict(model_patcher.model_options.get("transformer_options", {}))
-    transformer_options["patches_replace"] = {"dit": _block_replacements(transformer, config.gradient_checkpointing)}
 
     with torch.inference_mode(False), frozen_base(transformer), \
-            lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter) as layers:
+            lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter) as layers, \
+            block_swap(transformer, config.blocks_to_swap, device) as swap:
+        runner = BlockRunner(transformer, config.gradient_checkpointing, config.compiled_on(device.type), swap)
+        transformer_options["patches_replace"] = {"dit": runner.replacements()}
         if run.adapter is None:
             run.attach(layers, device)
         params = flat_parameters(run.adapter)
-        while run.step < until:
-            step = run.step + 1
-            step_start = time.perf_counter()
-            lr = config.learning_rate * lr_multiplier(config, step)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            first_indices = None
-            for micro in range(config.gradient_accumulation):
-                indices = plan.batch((step - 1) * config.gradient_accumulation + micro)
-                first_indices = first_indices or indices
-                generator = torch.Generator().manual_seed(mix_seed(config.seed, 2, step, micro))
-                latents, context, pooled = _micro_batch(dataset, indices, config, generator)
-                x0 = base.process_latent_in(latents)
-                noise = torch.randn(x0.shape, generator=generator)
-                tokens = math.ceil(x0.shape[-2] / 2) * math.ceil(x0.shape[-1] / 2)
-                t = sample_timesteps(config, x0.shape[0], tokens, generator).view(-1, 1, 1, 1)
-                xt = (1 - t) * x0 + t * noise
-                guidance = torch.full((x0.shape[0],), config.guidance)
-                with autocast:
-                    velocity = transformer(
-                        xt.to(device, compute_dtype),
-                        t.flatten().to(device),
-                        context.to(device, compute_dtype),
-                        y=pooled.to(device, compute_dtype),
-                        guidance=guidance.to(device, compute_dtype),
-                        transformer_options=transformer_options,
-                    )
-                loss = velocity_loss(velocity.float(), (noise - x0).to(device), config) / config.gradient_accumulation
-                loss.backward()
-                loss_sum += loss.detach()
-            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            loss_value, norm_value = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
+        deferred = _deferred_check(run.optimizer)
+        pending: _Launched | None = None
+        clock = [time.perf_counter()]
+
+        def commit(launched: _Launched) -> bool:
+            """Account for a finished step (raise NonFiniteLoss if it went bad); returns whether to stop."""
+            if launched.done is not None:
+                launched.done.synchronize()
+            loss_value, norm_value = launched.stats.tolist()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 run.optimizer.zero_grad(set_to_none=True)
                 what = "loss" if not math.isfinite(loss_value) else "gradient"
-                raise NonFiniteLoss(step, what, run.result())
+                raise NonFiniteLoss(launched.step, what, run.result())  # the adapter from before that step
+            run.step = launched.step
+            run.losses.append(loss_value)
+            now = time.perf_counter()
+            if on_step is not None:
+                on_step(StepInfo(launched.step, config.steps, loss_value, launched.learning_rate, now - clock[0],
+                                 launched.indices))
+            clock[0] = now
+            return should_stop is not None and bool(should_stop())
+
+        step = run.step
+        while step < until:
+            step += 1
+            lr = config.learning_rate * lr_multiplier(config, step)
+            stats, first_indices = _forward_backward(run, dataset, plan, step, base, transformer, transformer_options,
+                                                     autocast, device, compute_dtype)
+            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            stats = torch.stack([stats, grad_norm.to(stats)])
+            if deferred:
+                if pending is not None and commit(pending):
+                    run.optimizer.zero_grad(set_to_none=True)  # this step's gradients: stopping keeps step k
+                    return True
+                run.optimizer.found_inf = (~torch.isfinite(stats).all()).float()
+            else:
+                launched = _Launched(step, lr, first_indices, stats.cpu(), None)
+                if not launched.stats.isfinite().all():
+                    commit(launched)  # raises before the update
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-            run.step = step
-            run.losses.append(loss_value)
-            if on_step is not None:
-                on_step(StepInfo(step, config.steps, loss_value, lr, time.perf_counter() - step_start, first_indices))
-            if should_stop is not None and should_stop():
+            if deferred:
+                done = torch.cuda.Event() if device.type == "cuda" else None
+                pending = _Launched(step, lr, first_indices, stats.to("cpu", non_blocking=device.type == "cuda"), done)
+                if done is not None:
+                    done.record()
+            elif commit(launched):
                 return True
+        if pending is not None:
+            return commit(pending)
     return False
+
+
+def _forward_backward(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step: int, base, transformer,
+                      transformer_options: dict, autocast, device, compute_dtype) -> tuple[torch.Tensor, list[int]]:
+    """Queue the forward and backward passes of one optimizer step; returns its loss (on the device, not read)."""
+    config = run.config
+    loss_sum = torch.zeros((), device=device)
+    first_indices = None
+    for micro in range(config.gradient_accumulation):
+        indices = plan.batch((step - 1) * config.gradient_accumulation + micro)
+        first_indices = first_indices or indices
+        generator = torch.Generator().manual_seed(mix_seed(config.seed, 2, step, micro))
+        latents, context, pooled = _micro_batch(dataset, indices, config, generator)
+        x0 = base.process_latent_in(latents)
+        noise = torch.randn(x0.shape, generator=generator)
+        tokens = math.ceil(x0.shape[-2] / 2) * math.ceil(x0.shape[-1] / 2)
+        t = sample_timesteps(config, x0.shape[0], tokens, generator).view(-1, 1, 1, 1)
+        xt = (1 - t) * x0 + t * noise
+        guidance = torch.full((x0.shape[0],), config.guidance)
+        with autocast:
+            velocity = transformer(
+                xt.to(device, compute_dtype, non_blocking=True),
+                t.flatten().to(device, non_blocking=True),
+                context.to(device, compute_dtype, non_blocking=True),
+                y=pooled.to(device, compute_dtype, non_blocking=True),
+                guidance=guidance.to(device, compute_dtype, non_blocking=True),
+                transformer_options=transformer_options,
+            )
+        loss = velocity_loss(velocity.float(), (noise - x0).to(device, non_blocking=True), config) / config.gradient_accumulation
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum, first_indices

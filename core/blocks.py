@@ -1,0 +1,135 @@
+"""How each Flux transformer block runs during training: input copies, checkpointing, compilation, block swap.
+
+All of it goes through ComfyUI's own ``patches_replace`` hook ("dit" double_block / single_block entries), so the
+modules of the MODEL that other nodes share are never replaced.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .block_swap import BlockSwap
+
+
+def _double_block(block, img, txt, vec, pe, attn_mask, transformer_options):
+    return block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=transformer_options)
+
+
+def _single_block(block, img, vec, pe, attn_mask, transformer_options):
+    return block(img, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=transformer_options)
+
+
+BLOCK_FUNCTIONS = {"double": (_double_block, 2), "single": (_single_block, 1)}  # function, number of input streams
+
+
+def _on_copies(kind: str):
+    """The block function on copies of its input streams. Flux's blocks add into their inputs in place
+    (``txt += ...``, ``x += ...``) after normalising them; the copies keep the caller's tensors, which
+    checkpointing recomputes from, intact."""
+    function, streams = BLOCK_FUNCTIONS[kind]
+
+    def on_copies(block, *args):
+        return function(block, *(t.clone() for t in args[:streams]), *args[streams:])
+
+    return on_copies
+
+
+class _OutOfPlaceAdds(torch.overrides.TorchFunctionMode):
+    """Turns ``a += b`` on tensors into ``a = a + b``: the blocks' in-place adds would otherwise overwrite
+    tensors saved for backward, which autograd (and so AOTAutograd's tracing) refuses."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.add_:  # what `a += b` dispatches to
+            return torch.add(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _double_out_of_place(block, *args):
+    with _OutOfPlaceAdds():
+        return _double_block(block, *args)
+
+
+def _single_out_of_place(block, *args):
+    with _OutOfPlaceAdds():
+        return _single_block(block, *args)
+
+
+@functools.cache
+def _compiled(kind: str):
+    """One compiled function per block kind, shared by all blocks of that kind: the block is an argument, so
+    the 19 double and 38 single blocks reuse one graph each instead of compiling 57 times. A new image size
+    compiles once more, with dynamic shapes from then on."""
+    return torch.compile(_double_out_of_place if kind == "double" else _single_out_of_place)
+
+
+def _eager_saving_copies(kind: str, block, args: tuple):
+    """Eager without checkpointing: every tensor saved for backward that shares memory with an input copy is
+    itself copied when saved, so the block's later in-place add cannot invalidate it."""
+    function, streams = BLOCK_FUNCTIONS[kind]
+    copies = [t.clone() for t in args[:streams]]
+    mutated = {c.untyped_storage().data_ptr() for c in copies}
+
+    def pack(t):
+        return t.clone() if t.untyped_storage().data_ptr() in mutated else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return function(block, *copies, *args[streams:])
+
+
+class BlockRunner:
+    """Runs the transformer's blocks for training: ``replacements()`` gives the ``patches_replace`` "dit" entries.
+
+    - ``checkpointing``: each block is recomputed in backward from its saved input (far less memory).
+    - ``compiled``: each block kind goes through torch.compile (fused kernels, far fewer launches).
+    - ``swap``: a BlockSwap that streams off-GPU block weights in just before each block runs.
+    """
+
+    def __init__(self, model: torch.nn.Module, checkpointing: bool, compiled: bool, swap: BlockSwap | None = None):
+        self.model = model
+        self.checkpointing = checkpointing
+        self.compiled = compiled
+        self.swap = swap
+        self.blocks = list(model.double_blocks) + list(model.single_blocks)
+
+    def _run(self, kind: str, index: int, block, args: tuple):
+        def call(*tensors):
+            if self.swap is not None:
+                self.swap.enter(index)
+            if self.compiled:
+                return _compiled(kind)(block, *tensors, *args)
+            if self.checkpointing:
+                return _on_copies(kind)(block, *tensors, *args)
+            return _eager_saving_copies(kind, block, tensors + args)
+
+        return call
+
+    def replacements(self) -> dict:
+        """Each entry binds its block itself: ComfyUI's ``original_block`` closes over its loop variable, so
+        calling it again during backward's recomputation would run the last block instead."""
+        runner = self
+        doubles = len(self.model.double_blocks)
+
+        def double(index, block):
+            def replace(args, extra):
+                rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
+                call = runner._run("double", index, block, rest)
+                streams = (args["img"], args["txt"])
+                img, txt = checkpoint(call, *streams, use_reentrant=False) if runner.checkpointing else call(*streams)
+                return {"img": img, "txt": txt}
+
+            return replace
+
+        def single(index, block):
+            def replace(args, extra):
+                rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
+                call = runner._run("single", index, block, rest)
+                img = checkpoint(call, args["img"], use_reentrant=False) if runner.checkpointing else call(args["img"])
+                return {"img": img}
+
+            return replace
+
+        dit = {("double_block", i): double(i, b) for i, b in enumerate(self.model.double_blocks)}
+        dit.update({("single_block", i): single(doubles + i, b) for i, b in enumerate(self.model.single_blocks)})
+        return dit

@@ -1,0 +1,111 @@
+"""The speed and memory paths on tiny random Flux models: block swap (low-VRAM mode), compiled blocks, and the
+deferred loss read. Each must give the adapter of the plain path and leave the shared MODEL as it was."""
+import re
+
+import pytest
+import torch
+
+import random_models
+from conftest import load_flux as load
+from conftest import train_tiny as train
+
+
+@pytest.fixture(scope="module")
+def model_file(comfy):
+    return random_models.write_flux(comfy.path("diffusion_models", "speed.safetensors"), seed=41)
+
+
+def make_dataset(core, images=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(images, 16, 8, 8, generator=g)
+    pairs = [(torch.randn(6, 48, generator=g), torch.randn(32, generator=g)) for _ in range(images)]
+    return core.dataset.TrainingDataset.from_batches(latents, pairs)
+
+
+def forward(patcher, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x, ctx, y = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 6, 48, generator=g), torch.randn(1, 32, generator=g)
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x, torch.tensor([0.4]), ctx, y, torch.tensor([1.0]))
+
+
+def base_tensors(patcher):
+    return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+
+
+def assert_same_adapter(a, b):
+    assert a.down.keys() == b.down.keys()
+    for name in a.down:
+        assert torch.equal(a.down[name], b.down[name]) and torch.equal(a.up[name], b.up[name]), name
+
+
+def test_block_swap_trains_the_same_adapter_and_puts_every_weight_back(core, model_file, monkeypatch):
+    data = make_dataset(core)
+    plain = train(core, load(core, model_file), data, steps=3)
+    patcher = load(core, model_file)
+    before, output = base_tensors(patcher), forward(patcher)
+    entered = []
+    monkeypatch.setattr(core.block_swap.BlockSwap, "enter",
+                        lambda self, i, original=core.block_swap.BlockSwap.enter: (entered.append(i), original(self, i)))
+    swapped = train(core, patcher, data, steps=3, blocks_to_swap=2)
+    assert_same_adapter(plain.weights, swapped.weights)
+    blocks = len(patcher.model.diffusion_model.double_blocks) + len(patcher.model.diffusion_model.single_blocks)
+    one_step = list(range(blocks)) + list(reversed(range(blocks)))  # forward, then backward's recomputation
+    assert entered == one_step * 3
+    after = patcher.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].device == after[k].device for k in before)
+    assert torch.equal(forward(patcher), output)
+
+
+def test_block_swap_holds_at_most_two_blocks_and_fetches_the_next_one_ahead(core, model_file):
+    patcher = load(core, model_file)
+    transformer = patcher.model.diffusion_model
+    blocks = list(transformer.double_blocks) + list(transformer.single_blocks)
+    swap = core.block_swap.BlockSwap(blocks, list(range(len(blocks))), torch.device("cpu"))
+    try:
+        order = list(range(len(blocks))) + list(reversed(range(len(blocks))))
+        prefetched = []
+        for step in range(2):
+            for i in order:
+                prefetched.append(i in swap.loaded)  # a copy issued before the block was reached
+                swap.enter(i)
+                assert i in swap.loaded and len(swap.loaded) <= 2
+        # once the order is known (the step boundary is seen in the second step), every block is on its way
+        # before it is reached
+        assert all(prefetched[2 * len(order):])
+    finally:
+        swap.restore()
+
+
+def test_compiled_blocks_train_like_eager(core, model_file):
+    data = make_dataset(core)
+    eager = train(core, load(core, model_file), data, steps=3, compile="off")
+    patcher = load(core, model_file)
+    output = forward(patcher)
+    compiled = train(core, patcher, data, steps=3, compile="on")
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+    for name in eager.weights.up:
+        assert torch.allclose(compiled.weights.up[name], eager.weights.up[name], rtol=1e-3, atol=1e-6), name
+    assert torch.equal(forward(patcher), output)
+
+
+def test_loss_of_every_step_is_reported_in_order_though_read_a_step_late(core, model_file):
+    seen = []
+    result = train(core, load(core, model_file), make_dataset(core), seen.append, steps=5)
+    assert [info.step for info in seen] == [1, 2, 3, 4, 5]
+    assert [info.loss for info in seen] == result.losses
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"blocks_to_swap": 3, "gradient_checkpointing": False}, "blocks_to_swap needs gradient_checkpointing on"),
+    ({"blocks_to_swap": 58}, "blocks_to_swap must be 0..57"),
+    ({"compile": "yes"}, "compile must be one of auto, on, off"),
+])
+def test_bad_speed_settings_are_refused(core, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        core.training.TrainConfig(**settings).validate()
+
+
+def test_swapping_more_blocks_than_the_model_has_is_refused(core, model_file):
+    with pytest.raises(ValueError, match="this model has 2 blocks"):
+        train(core, load(core, model_file), make_dataset(core), steps=1, blocks_to_swap=5)
