@@ -11,7 +11,7 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..core.config import LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS
+from ..core.config import COMPILE_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS
 from ..core.dataset import TrainingDataset
 from ..core.lora_format import TrainedLoRA
 from ..core.loss_plot import draw_loss_curve
@@ -237,7 +237,7 @@ class Dev2ProTrainLoRA(_TrainingNode):
                              tooltip="Micro-batches per optimizer step: an effective batch of batch_size x this "
                              "without the memory."),
                 io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
-                               tooltip="adamw (fused on CUDA); adafactor (less optimizer memory); prodigy (needs "
+                               tooltip="adamw (fused); adafactor (less optimizer memory); prodigy (needs "
                                "'pip install prodigyopt'; set learning_rate 1.0)."),
                 io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant", optional=True,
                                tooltip="After warmup: constant, or linear / cosine decay towards 0 at the last step."),
@@ -256,6 +256,10 @@ class Dev2ProTrainLoRA(_TrainingNode):
                                tooltip="Chance of training a sample with the empty caption instead of its own. Needs "
                                "Dataset from Folder, which encodes the empty caption."),
                 stop_at_input(optional=True),
+                io.Int.Input("blocks_to_swap", default=0, min=0, max=57, optional=True,
+                             tooltip="Low-VRAM mode: keep this many blocks' weights in CPU memory and stream each "
+                             "onto the GPU just before it runs (19 = every double block, about 6 GB less). Weights "
+                             "ComfyUI could not fit are streamed anyway. Needs gradient_checkpointing."),
                 previews_input(),
                 AdvancedSettings.Input("advanced", optional=True,
                                        tooltip="From Advanced Training Settings: timestep and loss details, weight decay."),
@@ -266,11 +270,12 @@ class Dev2ProTrainLoRA(_TrainingNode):
 
     @classmethod
     def execute(cls, model, dataset: TrainingDataset, steps, learning_rate, rank, alpha, seed, gradient_checkpointing,
-                batch_size=1, gradient_accumulation=1, optimizer="adamw", lr_schedule="constant", warmup_steps=0,
+                batch_size=1, blocks_to_swap=0, gradient_accumulation=1, optimizer="adamw", lr_schedule="constant", warmup_steps=0,
                 max_grad_norm=1.0, timestep_sampling="flux_shift", loss="mse", caption_dropout=0.0, stop_at_step=0,
                 previews=None, advanced=None) -> io.NodeOutput:
         settings = dict(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, seed=seed,
                         guidance=training_guidance(model), gradient_checkpointing=gradient_checkpointing,
+                        blocks_to_swap=blocks_to_swap,
                         batch_size=batch_size, gradient_accumulation=gradient_accumulation, optimizer=optimizer,
                         lr_schedule=lr_schedule, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
                         timestep_sampling=timestep_sampling, loss=loss, caption_dropout=caption_dropout)
@@ -330,7 +335,7 @@ class Dev2ProTrainAdvanced(io.ComfyNode):
             node_id="Dev2ProTrainAdvanced",
             display_name="Advanced Training Settings (Dev2Pro)",
             category=CATEGORY,
-            description="Details of timestep sampling, the Huber loss and weight decay for Train LoRA.",
+            description="Details of timestep sampling, the Huber loss, weight decay and compilation for Train LoRA.",
             inputs=[
                 io.Float.Input("sigmoid_scale", default=1.0, min=0.01, max=10.0, step=0.05,
                                tooltip="flux_shift / shift / sigmoid: t = sigmoid(scale x N(0,1)); larger spreads "
@@ -346,11 +351,16 @@ class Dev2ProTrainAdvanced(io.ComfyNode):
                                tooltip="loss 'huber': quadratic below this error, linear above."),
                 io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001,
                                tooltip="Decoupled weight decay of the optimizer."),
+                io.Combo.Input("compile", options=list(COMPILE_MODES), default="auto", optional=True,
+                               tooltip="torch.compile the transformer blocks: auto = on CUDA GPUs (about a minute "
+                               "of compiling on the first step and on each new image size, then faster steps); "
+                               "off = plain PyTorch."),
             ],
             outputs=[AdvancedSettings.Output(display_name="advanced", tooltip="For Train LoRA's 'advanced' input.")],
         )
 
     @classmethod
-    def execute(cls, sigmoid_scale, shift, logit_mean, logit_std, huber_delta, weight_decay) -> io.NodeOutput:
+    def execute(cls, sigmoid_scale, shift, logit_mean, logit_std, huber_delta, weight_decay, compile="auto") -> io.NodeOutput:
         return io.NodeOutput(dict(sigmoid_scale=sigmoid_scale, shift=shift, logit_mean=logit_mean,
-                                  logit_std=logit_std, huber_delta=huber_delta, weight_decay=weight_decay))
+                                  logit_std=logit_std, huber_delta=huber_delta, weight_decay=weight_decay,
+                                  compile=compile))
