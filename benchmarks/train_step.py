@@ -1,18 +1,29 @@
-"""Seconds per step and peak GPU memory of Dev2ProTrainLoRA's training core on a full-size Flux-dev.
+"""Seconds per step and peak GPU memory: Dev2ProTrainLoRA against ComfyUI's own TrainLoraNode, in one run.
 
 The model is Flux-dev at its real size (19 double + 38 single blocks, 11.9B parameters) built through ComfyUI's
 own classes with random weights, stored in fp8 e4m3fn with bf16 compute: the cost of a step equals the real
-model's. Batch 1, 512 text tokens (T5 width 4096), LoRA rank 16, AdamW. Prints one JSON line per configuration.
+model's. Batch 1, 512 text tokens (T5 width 4096), LoRA rank 16, AdamW, gradient checkpointing (both trainers'
+default). Both nodes are called as ComfyUI calls them (under inference mode) on the same model and the same latent
+and caption. Prints one JSON line per configuration:
 
-    python benchmarks/train_step.py [--resolutions 512 1024] [--steps 10] [--warmup 3] [--no-checkpointing-too]
+- ``seconds_per_step_median``: median over the timed steps after warm-up. A step's time is the GPU-timeline gap
+  between consecutive optimizer steps (CUDA events recorded by a global optimizer hook): no sync is added.
+- ``peak_gib``: torch.cuda.max_memory_allocated during the node's run, the resident fp8 weights included.
+- ``speedup_vs_comfyui``: ComfyUI's median over ours at the same resolution.
+- low-VRAM rows emulate a card with ``--card-gib`` of free memory: the rest is taken by a placeholder tensor
+  before the model is loaded, so ComfyUI loads only what fits and the trainer streams the rest; the placeholder
+  is subtracted from the peak.
+
+    python benchmarks/train_step.py [--resolutions 512 1024] [--steps 10] [--warmup 3] [--low-vram 1024]
 
 Needs a CUDA GPU and ComfyUI importable (COMFYUI_PATH, or ~/comfy/ComfyUI).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
-import importlib.util
+import gc
 import json
 import math
 import os
@@ -21,34 +32,43 @@ import sys
 import time
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLUX_DEV = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
                 axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+TINY_FLUX = dict(FLUX_DEV, hidden_size=128, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=64,
+                 axes_dim=[8, 28, 28])  # --smoke: the whole script on the CPU in seconds, numbers meaningless
+GIB = 2**30
+CUDA = torch.cuda.is_available()
 
 
-def import_core():
-    """The pack's core package under its own name, without the node layer (no ComfyUI server needed)."""
-    init = os.path.join(PACK_DIR, "core", "__init__.py")
-    spec = importlib.util.spec_from_file_location("dev2pro_core", init, submodule_search_locations=[os.path.dirname(init)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dev2pro_core"] = module
-    spec.loader.exec_module(module)
-    import dev2pro_core.dataset
-    import dev2pro_core.training
+def import_comfyui_and_pack(cpu: bool):
+    sys.path.insert(0, os.path.join(PACK_DIR, "scripts"))
+    from comfy_inprocess import comfyui_path
 
-    return module
+    sys.path.insert(0, comfyui_path())
+    from comfy.cli_args import args
+
+    args.cpu = cpu
+    import utils.extra_config  # noqa: F401  ComfyUI's utils package must win over comfy/utils.py, as in main.py
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if not asyncio.run(nodes.load_custom_node(PACK_DIR)):
+        raise SystemExit("the pack failed to load")
+    return sys.modules[PACK_DIR.replace(".", "_x_")]
 
 
-def random_flux_dev(weight_dtype=torch.float8_e4m3fn):
+def random_flux_dev(shape: dict):
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
     device = comfy.model_management.get_torch_device()
-    config = comfy.supported_models.Flux(dict(FLUX_DEV))
-    config.set_inference_dtype(weight_dtype, torch.bfloat16)
+    config = comfy.supported_models.Flux(dict(shape))
+    config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
     model = config.get_model({}, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -65,62 +85,161 @@ def random_flux_dev(weight_dtype=torch.float8_e4m3fn):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu")), params
 
 
-def measure(core, patcher, resolution, steps, warmup, checkpointing, rank, tokens):
-    g = torch.Generator().manual_seed(0)
-    data = core.dataset.TrainingDataset.from_batches(
-        torch.randn(1, 16, resolution // 8, resolution // 8, generator=g),
-        [(torch.randn(tokens, 4096, generator=g), torch.randn(768, generator=g))])
-    config = core.training.TrainConfig(steps=warmup + steps, learning_rate=1e-4, rank=rank, alpha=float(rank),
-                                       gradient_checkpointing=checkpointing)
-    stamps = []
+class StepClock:
+    """CUDA events after every optimizer step of any optimizer (ComfyUI's and ours alike)."""
 
-    def on_step(info):
-        stamps.append(time.perf_counter())  # the core reads the loss every step, so the GPU is in sync here
+    def __init__(self):
+        self.events = []
+        self.handle = register_optimizer_step_post_hook(self._record)
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    def _record(self, optimizer, args, kwargs):
+        if CUDA:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+        else:
+            self.events.append(time.perf_counter())
+
+    def seconds(self, warmup: int) -> list[float]:
+        self.handle.remove()
+        if CUDA:
+            torch.cuda.synchronize()
+            times = [a.elapsed_time(b) / 1000 for a, b in zip(self.events, self.events[1:])]
+        else:
+            times = [b - a for a, b in zip(self.events, self.events[1:])]
+        return times[warmup - 1:] if warmup > 0 else times
+
+
+def free_everything():
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+
+
+def peak_bytes() -> int:
+    return torch.cuda.max_memory_allocated() if CUDA else 0
+
+
+def timed(run, warmup: int, placeholder_bytes: int = 0) -> dict:
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    clock = StepClock()
     start = time.perf_counter()
-    result = core.training.train_lora(patcher, data, config, on_step)
-    times = [b - a for a, b in zip([start] + stamps, stamps)][warmup:]
-    return {
-        "benchmark": "train_step", "trainer": "Dev2ProTrainLoRA", "resolution": resolution, "rank": rank,
-        "batch": 1, "text_tokens": tokens, "base_dtype": "float8_e4m3fn", "compute_dtype": "bfloat16",
-        "gradient_checkpointing": checkpointing, "steps_timed": len(times),
-        "seconds_per_step_median": round(statistics.median(times), 4),
-        "seconds_per_step_mean": round(statistics.mean(times), 4),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "final_loss_finite": math.isfinite(result.losses[-1]),
-    }
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        losses = run()
+    wall = time.perf_counter() - start
+    times = clock.seconds(warmup)
+    return {"steps_timed": len(times), "seconds_per_step_median": round(statistics.median(times), 4),
+            "seconds_per_step_mean": round(statistics.mean(times), 4),
+            "peak_gib": round((peak_bytes() - placeholder_bytes) / GIB, 2),
+            "node_wall_seconds": round(wall, 1), "losses": [round(x, 5) for x in losses]}
+
+
+def data(resolution: int, tokens: int, width: int):
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 16, resolution // 8, resolution // 8, generator=g)
+    context, pooled = torch.randn(1, tokens, width, generator=g), torch.randn(1, 768, generator=g)
+    return latent, context, pooled
+
+
+def run_ours(pack, patcher, resolution, steps, tokens, rank, **settings):
+    core = pack.core
+    latent, context, pooled = data(resolution, tokens, patcher.model.diffusion_model.params.context_in_dim)
+    dataset = core.dataset.TrainingDataset.from_batches(latent, [(context[0], pooled[0])])
+    model = patcher.clone()
+    model.model_options[core.config.GUIDANCE_OPTION] = 1.0
+    node = pack.nodes.train_nodes.Dev2ProTrainLoRA.PREPARE_CLASS_CLONE({"UNIQUE_ID": "bench"})
+    advanced = {k: settings.pop(k) for k in ("compile", "blocks_to_swap") if k in settings}
+    out = node.execute(model=model, dataset=dataset, steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank),
+                       seed=0, gradient_checkpointing=True, advanced=advanced or None, **settings)
+    return list(out.args[3].losses)
+
+
+def run_comfyui(patcher, resolution, steps, tokens, rank):
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    latent, context, pooled = data(resolution, tokens, patcher.model.diffusion_model.params.context_in_dim)
+    mp, lora, loss_map, _ = TrainLoraNode().train(
+        model=patcher, latents={"samples": latent}, positive=[[context, {"pooled_output": pooled, "guidance": 1.0}]],
+        batch_size=1, steps=steps, grad_accumulation_steps=1, learning_rate=1e-4, rank=rank, optimizer="AdamW",
+        loss_function="MSE", seed=0, training_dtype="bf16", lora_dtype="bf16", algorithm="LoRA",
+        gradient_checkpointing=True, existing_lora="[None]")
+    losses = list(loss_map["loss"])
+    del mp, lora
+    return losses
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--resolutions", type=int, nargs="*", default=[512, 1024])
+    parser.add_argument("--low-vram", type=int, nargs="*", default=[1024], help="resolutions for low-VRAM rows")
+    parser.add_argument("--card-gib", type=float, default=10.0, help="free memory of the emulated low-VRAM card")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--no-checkpointing-too", action="store_true", help="also measure without checkpointing")
+    parser.add_argument("--eager-too", action="store_true", help="also run ours without torch.compile")
+    parser.add_argument("--skip-comfyui", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script, not speed")
     a = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
-    sys.path.insert(0, os.path.join(PACK_DIR, "scripts"))
-    from comfy_inprocess import comfyui_path
+    if not CUDA and not a.smoke:
+        raise SystemExit("this benchmark needs a CUDA GPU (or --smoke to check the script on the CPU)")
+    if a.smoke:
+        a.resolutions, a.low_vram, a.steps, a.warmup, a.tokens = [64], [], 2, 1, 8
+    pack = import_comfyui_and_pack(cpu=a.smoke)
+    patcher, params = random_flux_dev(TINY_FLUX if a.smoke else FLUX_DEV)
+    common = {"benchmark": "train_step", "gpu": torch.cuda.get_device_name() if CUDA else "cpu (smoke)", "torch": torch.__version__,
+              "parameters": params, "date": datetime.date.today().isoformat(), "rank": a.rank, "batch": 1,
+              "text_tokens": a.tokens, "base_dtype": "float8_e4m3fn", "compute_dtype": "bfloat16",
+              "gradient_checkpointing": True}
+    steps = a.warmup + a.steps
 
-    sys.path.insert(0, comfyui_path())
-    core = import_core()
-    patcher, params = random_flux_dev()
-    common = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "parameters": params,
-              "date": datetime.date.today().isoformat()}
-    for checkpointing in [True, False] if a.no_checkpointing_too else [True]:
-        for resolution in a.resolutions:
-            try:
-                row = measure(core, patcher, resolution, a.steps, a.warmup, checkpointing, a.rank, a.tokens)
-            except torch.cuda.OutOfMemoryError:
-                row = {"benchmark": "train_step", "resolution": resolution, "gradient_checkpointing": checkpointing,
-                       "error": "out of memory"}
-                torch.cuda.empty_cache()
-            print(json.dumps({**row, **common}), flush=True)
+    def emit(row):
+        print(json.dumps({**row, **common}), flush=True)
+
+    fast = {}
+    for resolution in a.resolutions:
+        variants = [("Dev2ProTrainLoRA", {"compile": "auto"})]
+        if a.eager_too:
+            variants.append(("Dev2ProTrainLoRA eager", {"compile": "off"}))
+        rows = []
+        for name, settings in variants:
+            row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, **settings), a.warmup)
+            rows.append({"trainer": name, "resolution": resolution, "mode": "fast", **settings, **row})
+            free_everything()
+        if not a.skip_comfyui:
+            row = timed(lambda: run_comfyui(patcher, resolution, steps, a.tokens, a.rank), a.warmup)
+            rows.append({"trainer": "ComfyUI TrainLoraNode", "resolution": resolution, "mode": "fast", **row})
+            free_everything()
+            comfy_median = rows[-1]["seconds_per_step_median"]
+            for r in rows[:-1]:
+                r["speedup_vs_comfyui"] = round(comfy_median / r["seconds_per_step_median"], 2)
+        if len(variants) > 1:
+            ours, eager = rows[0]["losses"], rows[1]["losses"]
+            rows[0]["loss_max_rel_diff_vs_eager"] = round(max(abs(x - y) / abs(y) for x, y in zip(ours, eager)), 5)
+        fast[resolution] = rows[0]["seconds_per_step_median"]
+        for r in rows:
+            emit(r)
+
+    for resolution in a.low_vram:
+        free_everything()
+        placeholder = torch.empty(max(0, torch.cuda.mem_get_info()[0] - int(a.card_gib * GIB)), dtype=torch.uint8,
+                                  device="cuda")
+        try:
+            row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank), a.warmup,
+                        placeholder.numel())
+        finally:
+            del placeholder
+            free_everything()
+        row = {"trainer": "Dev2ProTrainLoRA", "resolution": resolution, "mode": "low_vram",
+               "emulated_card_gib": a.card_gib, **row}
+        if resolution in fast:
+            row["slowdown_vs_fast_mode"] = round(row["seconds_per_step_median"] / fast[resolution], 2)
+        emit(row)
 
 
 if __name__ == "__main__":
