@@ -30,20 +30,24 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def _init_adapter(layer: LoraLayer, generator: torch.Generator) -> None:
-    """peft's default init (kaiming-uniform A, zero B) in fp32 from our generator, for bit-exact reruns."""
+def _init_adapter(layer: LoraLayer, generator: torch.Generator, device: torch.device) -> None:
+    """peft's default init (kaiming-uniform A, zero B) in fp32 from our generator, for bit-exact reruns.
+
+    On ``device`` whatever the base layer's: in a partial (low-VRAM) load the base weight sits in CPU memory
+    while the adapter trains on the GPU."""
     down = layer.lora_A[ADAPTER].weight
     up = layer.lora_B[ADAPTER].weight
     with torch.no_grad():
         down_cpu = torch.empty(down.shape, dtype=torch.float32)
         torch.nn.init.kaiming_uniform_(down_cpu, a=math.sqrt(5), generator=generator)
-        layer.lora_A[ADAPTER].weight = torch.nn.Parameter(down_cpu.to(down.device))
-        layer.lora_B[ADAPTER].weight = torch.nn.Parameter(torch.zeros(up.shape, dtype=torch.float32, device=up.device))
+        layer.lora_A[ADAPTER].weight = torch.nn.Parameter(down_cpu.to(device))
+        layer.lora_B[ADAPTER].weight = torch.nn.Parameter(torch.zeros(up.shape, dtype=torch.float32, device=device))
 
 
 @contextlib.contextmanager
 def lora_injected(model: torch.nn.Module, rank: int, alpha: float, seed: int,
-                  existing: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] | None = None):
+                  existing: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] | None = None,
+                  device: torch.device | None = None):
     """Wrap the target Linears of ``model`` (a Flux transformer) in peft LoRA layers for the ``with`` body.
 
     Yields ``{module name: LoraLayer}``. On exit every wrapped module is put back, so the transformer that other
@@ -69,7 +73,7 @@ def lora_injected(model: torch.nn.Module, rank: int, alpha: float, seed: int,
         else:
             generator = torch.Generator().manual_seed(seed)
             for name in sorted(layers):
-                _init_adapter(layers[name], generator)
+                _init_adapter(layers[name], generator, device or layers[name].lora_A[ADAPTER].weight.device)
         yield layers
     finally:
         for name, original in originals.items():

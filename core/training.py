@@ -278,7 +278,8 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
     transformer_options = dict(model_patcher.model_options.get("transformer_options", {}))
 
     with torch.inference_mode(False), frozen_base(transformer), \
-            lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter) as layers, \
+            lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter,
+                          device=device) as layers, \
             block_swap(transformer, config.blocks_to_swap, device) as swap:
         runner = BlockRunner(transformer, config.gradient_checkpointing, config.compiled_on(device.type), swap)
         transformer_options["patches_replace"] = {"dit": runner.replacements()}
