@@ -56,6 +56,27 @@ def _single_out_of_place(block, *args):
         return _single_block(block, *args)
 
 
+def _double_checkpointed(block, *args):
+    with _OutOfPlaceAdds():
+        return checkpoint(_double_block, block, *args, use_reentrant=False)
+
+
+def _single_checkpointed(block, *args):
+    with _OutOfPlaceAdds():
+        return checkpoint(_single_block, block, *args, use_reentrant=False)
+
+
+# Checkpointing inside the compiled function: each block is one compiled forward and one compiled backward (with
+# the recomputation in it) instead of a compiled forward run twice under Python's checkpoint machinery. Block swap
+# needs the recomputation to pass through Python (to fetch the weights), so it keeps checkpointing outside.
+CHECKPOINT_INSIDE_COMPILE = True
+
+
+@functools.cache
+def _compiled_checkpointed(kind: str):
+    return torch.compile(_double_checkpointed if kind == "double" else _single_checkpointed)
+
+
 @functools.cache
 def _compiled(kind: str):
     """One compiled function per block kind, shared by all blocks of that kind: the block is an argument, so
@@ -129,6 +150,22 @@ class BlockRunner:
                 return {"img": img}
 
             return replace
+
+        if self.compiled and self.checkpointing and self.swap is None and CHECKPOINT_INSIDE_COMPILE:
+            def double(index, block):
+                def replace(args, extra):
+                    img, txt = _compiled_checkpointed("double")(block, args["img"], args["txt"], args["vec"], args["pe"],
+                                                               args.get("attn_mask"), args.get("transformer_options"))
+                    return {"img": img, "txt": txt}
+
+                return replace
+
+            def single(index, block):
+                def replace(args, extra):
+                    return {"img": _compiled_checkpointed("single")(block, args["img"], args["vec"], args["pe"],
+                                                                  args.get("attn_mask"), args.get("transformer_options"))}
+
+                return replace
 
         dit = {("double_block", i): double(i, b) for i, b in enumerate(self.model.double_blocks)}
         dit.update({("single_block", i): single(doubles + i, b) for i, b in enumerate(self.model.single_blocks)})
