@@ -56,25 +56,33 @@ def _single_out_of_place(block, *args):
         return _single_block(block, *args)
 
 
-def _double_checkpointed(block, *args):
+def _double_recomputed(block, *args):
     with _OutOfPlaceAdds():
-        return checkpoint(_double_block, block, *args, use_reentrant=False)
+        return _double_block(block, *args)
 
 
-def _single_checkpointed(block, *args):
+def _single_recomputed(block, *args):
     with _OutOfPlaceAdds():
-        return checkpoint(_single_block, block, *args, use_reentrant=False)
-
-
-# Checkpointing inside the compiled function: each block is one compiled forward and one compiled backward (with
-# the recomputation in it) instead of a compiled forward run twice under Python's checkpoint machinery. Block swap
-# needs the recomputation to pass through Python (to fetch the weights), so it keeps checkpointing outside.
-CHECKPOINT_INSIDE_COMPILE = True
+        return _single_block(block, *args)
 
 
 @functools.cache
-def _compiled_checkpointed(kind: str):
-    return torch.compile(_double_checkpointed if kind == "double" else _single_checkpointed)
+def _compiled_recomputing(kind: str):
+    """Checkpointing done by the compiler: compiled with an activation memory budget of 0, the block's backward
+    graph recomputes its forward from the block's inputs, so a block is one compiled forward plus one compiled
+    backward, with no Python checkpoint machinery around it. (Distinct functions from ``_compiled``: dynamo
+    caches graphs per code object, and these are partitioned differently.)"""
+    return torch.compile(_double_recomputed if kind == "double" else _single_recomputed)
+
+
+def _call_recomputing(kind: str, *args):
+    with torch._functorch.config.patch(activation_memory_budget=0.0):
+        return _compiled_recomputing(kind)(*args)
+
+
+# Block swap needs the recomputation to pass through Python (to fetch the weights back), so it keeps
+# torch.utils.checkpoint around the compiled block; without swap the compiler recomputes. Benchmarks flip this.
+RECOMPUTE_IN_COMPILED_BACKWARD = True
 
 
 @functools.cache
@@ -151,19 +159,19 @@ class BlockRunner:
 
             return replace
 
-        if self.compiled and self.checkpointing and self.swap is None and CHECKPOINT_INSIDE_COMPILE:
+        if self.compiled and self.checkpointing and self.swap is None and RECOMPUTE_IN_COMPILED_BACKWARD:
             def double(index, block):
                 def replace(args, extra):
-                    img, txt = _compiled_checkpointed("double")(block, args["img"], args["txt"], args["vec"], args["pe"],
-                                                               args.get("attn_mask"), args.get("transformer_options"))
+                    img, txt = _call_recomputing("double", block, args["img"], args["txt"], args["vec"], args["pe"],
+                                                 args.get("attn_mask"), args.get("transformer_options"))
                     return {"img": img, "txt": txt}
 
                 return replace
 
             def single(index, block):
                 def replace(args, extra):
-                    return {"img": _compiled_checkpointed("single")(block, args["img"], args["vec"], args["pe"],
-                                                                  args.get("attn_mask"), args.get("transformer_options"))}
+                    return {"img": _call_recomputing("single", block, args["img"], args["vec"], args["pe"],
+                                                     args.get("attn_mask"), args.get("transformer_options"))}
 
                 return replace
 
