@@ -67,8 +67,8 @@ class BlockSwap:
         if i in self.loaded or i not in self.params:
             return
         if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # memory it reuses is free by then
             with torch.cuda.stream(self.stream):
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))  # memory it reuses is free by then
                 copies = [h.to(self.device, non_blocking=True) for h in self.home[i]]
                 event = torch.cuda.Event()
                 event.record(self.stream)
