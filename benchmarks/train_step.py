@@ -112,6 +112,7 @@ class StepClock:
 
 def free_everything():
     import comfy.model_management
+    import comfy.model_patcher  # noqa: F401  (main uses it once ComfyUI is importable)
 
     comfy.model_management.unload_all_models()
     gc.collect()
@@ -193,6 +194,7 @@ def main() -> None:
     if a.smoke:
         a.resolutions, a.low_vram, a.steps, a.warmup, a.tokens = [64], [], 2, 1, 8
     pack = import_comfyui_and_pack(cpu=a.smoke)
+    import comfy.model_patcher
     patcher, params = random_flux_dev(TINY_FLUX if a.smoke else FLUX_DEV)
     common = {"benchmark": "train_step", "gpu": torch.cuda.get_device_name() if CUDA else "cpu (smoke)", "torch": torch.__version__,
               "parameters": params, "date": datetime.date.today().isoformat(), "rank": a.rank, "batch": 1,
@@ -207,8 +209,6 @@ def main() -> None:
         print("done:", row["trainer"], row["resolution"], row["mode"], row["seconds_per_step_median"], "s",
               row["peak_gib"], "GiB", file=sys.stderr, flush=True)
 
-    # ComfyUI's trainer runs last: it leaves its weight wrappers on the shared modules after it returns (ComfyUI
-    # 0.3.64 wipes them only for low-VRAM loads), and a partial load of our trainer afterwards would pick them up.
     rows = []
     for resolution in a.resolutions:
         variants = [("Dev2ProTrainLoRA", {"compile": "auto"})]
@@ -223,6 +223,15 @@ def main() -> None:
             progress(rows[-1])
             free_everything()
         pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = True
+        if not a.skip_comfyui:
+            row = timed(lambda: run_comfyui(patcher, resolution, steps, a.tokens, a.rank), a.warmup)
+            rows.append({"trainer": "ComfyUI TrainLoraNode", "resolution": resolution, "mode": "fast", **row})
+            progress(rows[-1])
+            free_everything()
+            # ComfyUI 0.3.64's trainer leaves its weight wrappers on the shared modules after it returns (unloading
+            # wipes them only after a low-VRAM load); a partial load of the model later would pick them up.
+            for module in patcher.model.modules():
+                comfy.model_patcher.wipe_lowvram_weight(module)
 
     for resolution in a.low_vram:
         placeholder = torch.empty(max(0, torch.cuda.mem_get_info()[0] - int(a.card_gib * GIB)), dtype=torch.uint8,
@@ -236,12 +245,6 @@ def main() -> None:
         rows.append({"trainer": "Dev2ProTrainLoRA", "resolution": resolution, "mode": "low_vram",
                      "emulated_card_gib": a.card_gib, **row})
         progress(rows[-1])
-
-    for resolution in [] if a.skip_comfyui else a.resolutions:
-        row = timed(lambda: run_comfyui(patcher, resolution, steps, a.tokens, a.rank), a.warmup)
-        rows.append({"trainer": "ComfyUI TrainLoraNode", "resolution": resolution, "mode": "fast", **row})
-        progress(rows[-1])
-        free_everything()
 
     def find(resolution, trainer, mode="fast"):
         return next((r for r in rows if r["resolution"] == resolution and r["trainer"] == trainer and r["mode"] == mode),
