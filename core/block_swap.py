@@ -13,6 +13,7 @@ the block was released.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -35,7 +36,8 @@ class BlockSwap:
         off the GPU (a partial, low-VRAM load); weights ComfyUI loaded onto the GPU elsewhere stay there."""
         self.device = device
         self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        # DEV2PRO_SWAP_ON_COMPUTE_STREAM=1 copies on the compute stream (no overlap): a diagnostic for races
+        self.stream = torch.cuda.Stream(device) if self.cuda and not os.environ.get("DEV2PRO_SWAP_ON_COMPUTE_STREAM") else None
         self.params: dict[int, list[torch.nn.Parameter]] = {}
         self.home: dict[int, list[torch.Tensor]] = {}  # pinned CPU copies, one per parameter
         self.restore_to: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = []  # (param, original CPU tensor or None)
@@ -66,7 +68,9 @@ class BlockSwap:
     def _fetch(self, i: int) -> None:
         if i in self.loaded or i not in self.params:
             return
-        if self.cuda:
+        if self.cuda and self.stream is None:
+            copies, event = [h.to(self.device, non_blocking=True) for h in self.home[i]], None
+        elif self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # memory it reuses is free by then
             with torch.cuda.stream(self.stream):
                 copies = [h.to(self.device, non_blocking=True) for h in self.home[i]]
@@ -93,7 +97,7 @@ class BlockSwap:
         if i in self.params:
             self._fetch(i)
             copies, event = self.loaded[i]
-            if self.cuda:
+            if event is not None:
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_event(event)
                 for c in copies:
