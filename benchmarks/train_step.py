@@ -114,7 +114,6 @@ class StepClock:
 
 def free_everything():
     import comfy.model_management
-    import comfy.model_patcher  # noqa: F401  (main uses it once ComfyUI is importable)
 
     comfy.model_management.unload_all_models()
     gc.collect()
@@ -263,14 +262,13 @@ def main() -> None:
             r["speedup_vs_comfyui"] = round(comfy["seconds_per_step_median"] / r["seconds_per_step_median"], 2)
         if r["mode"] == "low_vram" and fast is not None:
             r["slowdown_vs_fast_mode"] = round(r["seconds_per_step_median"] / fast["seconds_per_step_median"], 2)
-        reference = fast if r["mode"] == "low_vram" else eager if r is fast else None
+        reference, name = (fast, "fast") if r["mode"] == "low_vram" else (eager, "eager") if r is fast else (None, "")
         if reference is not None:  # same seed, data and noise: the losses must track each other
             ours, ref = r["losses"], reference["losses"]
-            r["first_loss_rel_diff_vs_" + reference["trainer"].split()[-1].replace("Dev2ProTrainLoRA", "fast")] = \
-                round(abs(ours[0] - ref[0]) / abs(ref[0]), 6)
-            r["loss_max_rel_diff_vs_" + reference["trainer"].split()[-1].replace("Dev2ProTrainLoRA", "fast")] = \
-                round(max(abs(x - y) / abs(y) for x, y in zip(ours, ref)), 5)
+            r[f"first_loss_rel_diff_vs_{name}"] = round(abs(ours[0] - ref[0]) / abs(ref[0]), 6)
+            r[f"loss_max_rel_diff_vs_{name}"] = round(max(abs(x - y) / abs(y) for x, y in zip(ours, ref)), 5)
         emit(r)
+
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ import os
 import torch
 
 
-def _weights(block: torch.nn.Module) -> list[tuple[torch.nn.Parameter]]:
+def _weights(block: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The frozen base tensors of a block's ComfyUI ops (its Linears); adapters (plain torch Linears) stay."""
     found = []
     for module in block.modules():
@@ -57,13 +57,6 @@ class BlockSwap:
                 p.data = home  # frees the GPU copy ComfyUI loaded
                 homes.append(home)
             self.params[i], self.home[i] = params, homes
-
-    @property
-    def swapped(self) -> list[int]:
-        return sorted(self.params)
-
-    def swapped_bytes(self) -> int:
-        return sum(h.numel() * h.element_size() for homes in self.home.values() for h in homes)
 
     def _fetch(self, i: int) -> None:
         if i in self.loaded or i not in self.params:

@@ -120,7 +120,6 @@ class BlockRunner:
         self.checkpointing = checkpointing
         self.compiled = compiled
         self.swap = swap
-        self.blocks = list(model.double_blocks) + list(model.single_blocks)
 
     def _run(self, kind: str, index: int, block, args: tuple):
         def call(*tensors):
@@ -137,44 +136,34 @@ class BlockRunner:
     def replacements(self) -> dict:
         """Each entry binds its block itself: ComfyUI's ``original_block`` closes over its loop variable, so
         calling it again during backward's recomputation would run the last block instead."""
-        runner = self
         doubles = len(self.model.double_blocks)
-
-        def double(index, block):
-            def replace(args, extra):
-                rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
-                call = runner._run("double", index, block, rest)
-                streams = (args["img"], args["txt"])
-                img, txt = checkpoint(call, *streams, use_reentrant=False) if runner.checkpointing else call(*streams)
-                return {"img": img, "txt": txt}
-
-            return replace
-
-        def single(index, block):
-            def replace(args, extra):
-                rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
-                call = runner._run("single", index, block, rest)
-                img = checkpoint(call, args["img"], use_reentrant=False) if runner.checkpointing else call(args["img"])
-                return {"img": img}
-
-            return replace
-
         if self.compiled and self.checkpointing and self.swap is None and RECOMPUTE_IN_COMPILED_BACKWARD:
-            def double(index, block):
-                def replace(args, extra):
-                    img, txt = _call_recomputing("double", block, args["img"], args["txt"], args["vec"], args["pe"],
-                                                 args.get("attn_mask"), args.get("transformer_options"))
-                    return {"img": img, "txt": txt}
-
-                return replace
-
-            def single(index, block):
-                def replace(args, extra):
-                    return {"img": _call_recomputing("single", block, args["img"], args["vec"], args["pe"],
-                                                     args.get("attn_mask"), args.get("transformer_options"))}
-
-                return replace
-
-        dit = {("double_block", i): double(i, b) for i, b in enumerate(self.model.double_blocks)}
-        dit.update({("single_block", i): single(doubles + i, b) for i, b in enumerate(self.model.single_blocks)})
+            entry = self._recomputed_by_compiler
+        else:
+            entry = self._through_python
+        dit = {("double_block", i): entry("double", i, b) for i, b in enumerate(self.model.double_blocks)}
+        dit.update({("single_block", i): entry("single", doubles + i, b)
+                    for i, b in enumerate(self.model.single_blocks)})
         return dit
+
+    @staticmethod
+    def _recomputed_by_compiler(kind: str, index: int, block):
+        def replace(args, extra):
+            rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
+            if kind == "double":
+                img, txt = _call_recomputing("double", block, args["img"], args["txt"], *rest)
+                return {"img": img, "txt": txt}
+            return {"img": _call_recomputing("single", block, args["img"], *rest)}
+
+        return replace
+
+    def _through_python(self, kind: str, index: int, block):
+        """Eager, or compiled with torch.utils.checkpoint around it (block swap fetches weights in ``_run``)."""
+        def replace(args, extra):
+            rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
+            call = self._run(kind, index, block, rest)
+            streams = (args["img"], args["txt"]) if kind == "double" else (args["img"],)
+            out = checkpoint(call, *streams, use_reentrant=False) if self.checkpointing else call(*streams)
+            return {"img": out[0], "txt": out[1]} if kind == "double" else {"img": out}
+
+        return replace

@@ -230,7 +230,7 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
     return run.result(stopped)
 
 
-def activation_bytes(config: TrainConfig, dataset: TrainingDataset, hidden: int = 3072) -> int:
+def activation_bytes(config: TrainConfig, dataset: TrainingDataset) -> int:
     """A generous estimate of the GPU memory a step needs besides the weights, for ComfyUI's model loading.
 
     Measured on Flux-dev (H100, bf16 compute): with checkpointing about 0.8 MB per token (block inputs kept
@@ -238,7 +238,7 @@ def activation_bytes(config: TrainConfig, dataset: TrainingDataset, hidden: int 
     """
     tokens = max(s.latent.shape[-1] * s.latent.shape[-2] // 4 + s.context.shape[-2] for s in dataset.samples)
     per_token = 0.8e6 if config.gradient_checkpointing else 12e6
-    return int(tokens * config.batch_size * per_token * hidden / 3072) + 2**30
+    return int(tokens * config.batch_size * per_token) + 2**30
 
 
 @dataclass
