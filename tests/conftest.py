@@ -115,3 +115,31 @@ def train_tiny(core, patcher, data, on_step=None, stop_at=0, **settings):
     with torch.inference_mode():
         return core.training.train_lora(patcher, data, config, on_step, stop_at=stop_at)
 
+
+def latent_dataset(core, images=1, seed=0):
+    """Random 8x8 latents with one caption each, for the tiny test models."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():  # as VAEEncode / CLIPTextEncode hand them over
+        latents = torch.randn(images, 16, 8, 8, generator=g)
+        pairs = [(torch.randn(6, 48, generator=g), torch.randn(32, generator=g)) for _ in range(images)]
+    return core.dataset.TrainingDataset.from_batches(latents, pairs)
+
+
+def forward(patcher, seed=3):
+    """One denoising forward of the tiny model on fixed inputs: equal outputs mean an unchanged MODEL."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x, ctx, y = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 6, 48, generator=g), torch.randn(1, 32, generator=g)
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x, torch.tensor([0.4]), ctx, y, torch.tensor([1.0]))
+
+
+def assert_same_adapter(a, b):
+    import torch
+
+    assert a.down.keys() == b.down.keys()
+    for name in a.down:
+        assert torch.equal(a.down[name], b.down[name]) and torch.equal(a.up[name], b.up[name]), name

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import random_models
+from conftest import assert_same_adapter, forward, latent_dataset
 from conftest import load_flux as load
 from conftest import train_tiny as train
 
@@ -15,32 +16,12 @@ def model_file(comfy):
     return random_models.write_flux(comfy.path("diffusion_models", "speed.safetensors"), seed=41)
 
 
-def make_dataset(core, images=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(images, 16, 8, 8, generator=g)
-    pairs = [(torch.randn(6, 48, generator=g), torch.randn(32, generator=g)) for _ in range(images)]
-    return core.dataset.TrainingDataset.from_batches(latents, pairs)
-
-
-def forward(patcher, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    x, ctx, y = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 6, 48, generator=g), torch.randn(1, 32, generator=g)
-    with torch.no_grad():
-        return patcher.model.diffusion_model(x, torch.tensor([0.4]), ctx, y, torch.tensor([1.0]))
-
-
 def base_tensors(patcher):
     return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
 
 
-def assert_same_adapter(a, b):
-    assert a.down.keys() == b.down.keys()
-    for name in a.down:
-        assert torch.equal(a.down[name], b.down[name]) and torch.equal(a.up[name], b.up[name]), name
-
-
 def test_block_swap_trains_the_same_adapter_and_puts_every_weight_back(core, model_file, monkeypatch):
-    data = make_dataset(core)
+    data = latent_dataset(core, images=2)
     plain = train(core, load(core, model_file), data, steps=3)
     patcher = load(core, model_file)
     before, output = base_tensors(patcher), forward(patcher)
@@ -78,7 +59,7 @@ def test_block_swap_holds_at_most_two_blocks_and_fetches_the_next_one_ahead(core
 
 
 def test_compiled_blocks_train_like_eager(core, model_file):
-    data = make_dataset(core)
+    data = latent_dataset(core, images=2)
     eager = train(core, load(core, model_file), data, steps=3, compile="off")
     patcher = load(core, model_file)
     output = forward(patcher)
@@ -91,7 +72,7 @@ def test_compiled_blocks_train_like_eager(core, model_file):
 
 def test_loss_of_every_step_is_reported_in_order_though_read_a_step_late(core, model_file):
     seen = []
-    result = train(core, load(core, model_file), make_dataset(core), seen.append, steps=5)
+    result = train(core, load(core, model_file), latent_dataset(core, images=2), seen.append, steps=5)
     assert [info.step for info in seen] == [1, 2, 3, 4, 5]
     assert [info.loss for info in seen] == result.losses
 
@@ -108,12 +89,12 @@ def test_bad_speed_settings_are_refused(core, settings, message):
 
 def test_swapping_more_blocks_than_the_model_has_is_refused(core, model_file):
     with pytest.raises(ValueError, match="this model has 2 blocks"):
-        train(core, load(core, model_file), make_dataset(core), steps=1, blocks_to_swap=5)
+        train(core, load(core, model_file), latent_dataset(core, images=2), steps=1, blocks_to_swap=5)
 
 
 def test_compiled_blocks_with_block_swap_train_like_eager(core, model_file):
     # the low-VRAM path on a GPU: torch.utils.checkpoint around the compiled block, weights fetched per block
-    data = make_dataset(core)
+    data = latent_dataset(core, images=2)
     eager = train(core, load(core, model_file), data, steps=2, compile="off")
     patcher = load(core, model_file)
     output = forward(patcher)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import random_models
+from conftest import assert_same_adapter
 from conftest import load_flux as load
 from conftest import train_tiny as train
 
@@ -21,12 +22,6 @@ def make_dataset(core, sizes=((8, 8),) * 4, seed=0, empty_caption=False):
                                            torch.randn(32, generator=g)) for h, w in sizes]
     empty = (torch.zeros(6, 48), torch.zeros(32)) if empty_caption else None
     return core.dataset.TrainingDataset(samples, empty_caption=empty)
-
-
-def assert_same_adapter(a, b):
-    assert a.down.keys() == b.down.keys()
-    for name in a.down:
-        assert torch.equal(a.down[name], b.down[name]) and torch.equal(a.up[name], b.up[name]), name
 
 
 @pytest.mark.parametrize("schedule, expected", [

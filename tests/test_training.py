@@ -10,7 +10,8 @@ from safetensors import safe_open
 import comfy.model_management
 import comfy.utils
 import graphs
-from conftest import ExecutionFailed
+from conftest import ExecutionFailed, forward
+from conftest import latent_dataset as dataset
 from conftest import load_flux as load
 from conftest import train_tiny as train
 import random_models
@@ -21,14 +22,6 @@ from comfy import utils as comfy_utils
 @pytest.fixture(scope="module")
 def model_file(comfy):
     return random_models.write_flux(comfy.path("diffusion_models", "train_core.safetensors"), seed=21)
-
-
-def dataset(core, images=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():  # as VAEEncode / CLIPTextEncode hand them over
-        latents = torch.randn(images, 16, 8, 8, generator=g)
-        pairs = [(torch.randn(6, 48, generator=g), torch.randn(32, generator=g)) for _ in range(images)]
-    return core.dataset.TrainingDataset.from_batches(latents, pairs)
 
 
 def velocity_loss(patcher, data, pairs=16):
@@ -46,13 +39,6 @@ def velocity_loss(patcher, data, pairs=16):
                 v = model.diffusion_model(xt, t, sample.context[None], sample.pooled[None], torch.tensor([1.0]))
                 total += torch.nn.functional.mse_loss(v, noise - x0).item()
     return total / (len(data) * pairs)
-
-
-def forward(patcher, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    x, ctx, y = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 6, 48, generator=g), torch.randn(1, 32, generator=g)
-    with torch.no_grad():
-        return patcher.model.diffusion_model(x, torch.tensor([0.4]), ctx, y, torch.tensor([1.0]))
 
 
 def test_training_changes_only_the_adapter_and_leaves_the_model_as_it_was(core, model_file):
