@@ -116,7 +116,8 @@ def block_swap(model: torch.nn.Module, first_blocks: int, device: torch.device):
     ComfyUI left on the CPU; yields the BlockSwap, or None when there is nothing to stream. Restores on exit."""
     blocks = list(model.double_blocks) + list(model.single_blocks)
     if first_blocks > len(blocks):
-        raise ValueError(f"blocks_to_swap is {first_blocks}, but this model has {len(blocks)} blocks")
+        raise ValueError(f"blocks_to_swap is {first_blocks}, but this model has {len(blocks)} blocks; set "
+                         f"blocks_to_swap to {len(blocks)} or less")
     off_device = any(p.device != device for b in blocks for p in _weights(b))
     if first_blocks == 0 and not off_device:
         yield None
