@@ -5,6 +5,7 @@ modules of the MODEL that other nodes share are never replaced.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -105,6 +106,29 @@ def _eager_saving_copies(kind: str, block, args: tuple):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         return function(block, *copies, *args[streams:])
+
+
+# Compiled variants a block function may keep. Each training setting that changes what the blocks see (the first
+# block's input not requiring grad, a new image size, fp8 matmuls on or off, another rank or dtype) adds one, and
+# a ComfyUI server trains many times in one process. At dynamo's default of 8, the next variant would run eager
+# without a word: slower, and without the compiler's recomputation, out of memory.
+RECOMPILE_LIMIT = 64
+
+
+# Inductor's C++ wrapper launches a compiled block's kernels from C++ instead of Python. A training step calls the
+# compiled blocks 57 times forward and 57 times backward, and at 512x512 the step is bound by that launching.
+# GPU only: on the CPU it would compile every block's kernels into C++ as well (slow to start, nothing gained).
+CPP_WRAPPER_ON_GPU = True
+
+
+@contextlib.contextmanager
+def compiler_settings(device_type: str):
+    """For a training session: room for the block functions' variants and, on a GPU, the C++ launcher. Both are
+    global compiler settings, so they are put back after the session."""
+    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    cpp_wrapper = CPP_WRAPPER_ON_GPU and device_type == "cuda"
+    with torch._dynamo.config.patch(recompile_limit=limit), torch._inductor.config.patch(cpp_wrapper=cpp_wrapper):
+        yield
 
 
 class BlockRunner:

@@ -21,7 +21,7 @@ import comfy.model_base
 import comfy.model_management
 
 from .block_swap import block_swap
-from .blocks import BlockRunner
+from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
 from .lora_format import LoRAWeights
@@ -280,7 +280,8 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
     with torch.inference_mode(False), frozen_base(transformer), \
             lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter,
                           device=device) as layers, \
-            block_swap(transformer, config.blocks_to_swap, device) as swap:
+            block_swap(transformer, config.blocks_to_swap, device) as swap, \
+            compiler_settings(device.type):
         runner = BlockRunner(transformer, config.gradient_checkpointing, config.compiled_on(device.type), swap)
         transformer_options["patches_replace"] = {"dit": runner.replacements()}
         if run.adapter is None:

@@ -103,3 +103,14 @@ def test_compiled_blocks_with_block_swap_train_like_eager(core, model_file):
     for name in eager.weights.up:
         assert torch.allclose(swapped.weights.up[name], eager.weights.up[name], rtol=1e-3, atol=1e-6), name
     assert torch.equal(forward(patcher), output)
+
+
+def test_a_session_raises_the_recompile_limit_and_puts_compiler_settings_back(core, model_file):
+    # ComfyUI trains many times in one process: at dynamo's default limit of 8 variants per function, the next
+    # variant (another image size, fp8 on) would silently run the blocks eager, without recomputation
+    seen = []
+    limit, cpp_wrapper = torch._dynamo.config.recompile_limit, torch._inductor.config.cpp_wrapper
+    train(core, load(core, model_file), latent_dataset(core), lambda info: seen.append(
+        torch._dynamo.config.recompile_limit), steps=2)
+    assert seen and all(during >= core.blocks.RECOMPILE_LIMIT for during in seen)
+    assert (torch._dynamo.config.recompile_limit, torch._inductor.config.cpp_wrapper) == (limit, cpp_wrapper)
