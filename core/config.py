@@ -14,6 +14,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 TIMESTEP_SAMPLINGS = ("flux_shift", "shift", "sigmoid", "logit_normal", "uniform")
 LOSSES = ("mse", "huber")
 COMPILE_MODES = ("auto", "on", "off")  # auto: compile on CUDA, where it pays; eager elsewhere
+FP8_MATMUL_MODES = ("off", "on")
 FLUX_BLOCKS = 57  # Flux.1: 19 double + 38 single blocks
 
 
@@ -43,6 +44,7 @@ class TrainConfig:
     caption_dropout: float = 0.0
     compile: str = "auto"
     blocks_to_swap: int = 0  # blocks whose weights stay in CPU memory and stream in (low-VRAM mode)
+    fp8_matmul: str = "off"  # on: the fp8 base multiplies on fp8 tensor cores (forward and input gradient)
 
     def compiled_on(self, device_type: str) -> bool:
         return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
@@ -72,6 +74,8 @@ class TrainConfig:
             (self.huber_delta > 0, f"huber_delta must be positive, got {self.huber_delta}"),
             (0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"),
+            (self.fp8_matmul in FP8_MATMUL_MODES,
+             f"fp8_matmul must be one of {', '.join(FP8_MATMUL_MODES)}, got {self.fp8_matmul!r}"),
             (0 <= self.blocks_to_swap <= FLUX_BLOCKS, f"blocks_to_swap must be 0..{FLUX_BLOCKS}, got {self.blocks_to_swap}"),
             (self.blocks_to_swap == 0 or self.gradient_checkpointing,
              "blocks_to_swap needs gradient_checkpointing on (a swapped block's weights leave the GPU after it ran)"),

@@ -24,6 +24,7 @@ from .block_swap import block_swap
 from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
+from .fp8_matmul import fp8_base_matmuls, unsupported_reason
 from .lora_format import LoRAWeights
 from .lora_layers import adapter_parameters, extract_weights, flat_parameters, lora_injected
 from .optimizers import make_optimizer
@@ -205,6 +206,8 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
     """
     config.validate()
     check_compatible(model_patcher.model, dataset)
+    if config.fp8_matmul == "on" and (reason := unsupported_reason(model_patcher.load_device)):
+        raise ValueError(f"{reason}. Set fp8_matmul to off in the advanced settings")
     if resume is not None:
         check_resumable(config, resume)
     if config.caption_dropout > 0:
@@ -280,6 +283,7 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
     with torch.inference_mode(False), frozen_base(transformer), \
             lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter,
                           device=device) as layers, \
+            (fp8_base_matmuls(layers, compute_dtype) if config.fp8_matmul == "on" else contextlib.nullcontext()), \
             block_swap(transformer, config.blocks_to_swap, device) as swap, \
             compiler_settings(device.type):
         runner = BlockRunner(transformer, config.gradient_checkpointing, config.compiled_on(device.type), swap)

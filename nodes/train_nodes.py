@@ -11,7 +11,7 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..core.config import COMPILE_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS
+from ..core.config import COMPILE_MODES, FP8_MATMUL_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS
 from ..core.dataset import TrainingDataset
 from ..core.lora_format import TrainedLoRA
 from ..core.loss_plot import draw_loss_curve
@@ -355,12 +355,19 @@ class Dev2ProTrainAdvanced(io.ComfyNode):
                                tooltip="torch.compile the transformer blocks: auto = on CUDA GPUs (about a minute "
                                "of compiling on the first step and on each new image size, then faster steps); "
                                "off = plain PyTorch."),
+                io.Combo.Input("fp8_matmul", options=list(FP8_MATMUL_MODES), default="off", optional=True,
+                               tooltip="on: an fp8 (e4m3fn) base multiplies on fp8 tensor cores in the forward "
+                               "passes, each layer input scaled to fp8 on the fly; gradients stay bf16. Needs an "
+                               "RTX 40xx / L4 / H100 class GPU and an fp8 base. On an H100: about 4% faster at "
+                               "1024x1024, 9% slower at 512x512; the loss stays within 0.2% of bf16 compute. "
+                               "off = bf16 matmuls, as ComfyUI does."),
             ],
             outputs=[AdvancedSettings.Output(display_name="advanced", tooltip="For Train LoRA's 'advanced' input.")],
         )
 
     @classmethod
-    def execute(cls, sigmoid_scale, shift, logit_mean, logit_std, huber_delta, weight_decay, compile="auto") -> io.NodeOutput:
+    def execute(cls, sigmoid_scale, shift, logit_mean, logit_std, huber_delta, weight_decay, compile="auto",
+                fp8_matmul="off") -> io.NodeOutput:
         return io.NodeOutput(dict(sigmoid_scale=sigmoid_scale, shift=shift, logit_mean=logit_mean,
                                   logit_std=logit_std, huber_delta=huber_delta, weight_decay=weight_decay,
-                                  compile=compile))
+                                  compile=compile, fp8_matmul=fp8_matmul))
