@@ -10,11 +10,15 @@ and caption. Prints one JSON line per configuration:
   between consecutive optimizer steps (CUDA events recorded by a global optimizer hook): no sync is added.
 - ``peak_gib``: torch.cuda.max_memory_allocated during the node's run, the resident fp8 weights included.
 - ``speedup_vs_comfyui``: ComfyUI's median over ours at the same resolution.
+- ``graph_breaks``: dynamo graph breaks during the node's run (0: each block kind compiled whole).
+- loss comparisons (same seed, data and noise): ours against eager (``--eager-too``), fp8_matmul against bf16
+  (``--fp8-too``), low-VRAM against fast mode.
 - low-VRAM rows emulate a card with ``--card-gib`` of free memory: the rest is taken by a placeholder tensor
   before the model is loaded, so ComfyUI loads only what fits and the trainer streams the rest; the placeholder
   is subtracted from the peak.
 
     python benchmarks/train_step.py [--resolutions 512 1024] [--steps 10] [--warmup 3] [--low-vram 1024]
+                                    [--fp8-too] [--eager-too] [--python-wrapper-too] [--depth 19 38]
 
 Needs a CUDA GPU and ComfyUI importable (COMFYUI_PATH, or ~/comfy/ComfyUI).
 """
@@ -32,6 +36,7 @@ import sys
 import time
 
 import torch
+from torch._dynamo.utils import counters
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,15 +135,17 @@ def timed(run, warmup: int, placeholder_bytes: int = 0) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     clock = StepClock()
+    breaks_before = sum(counters["graph_break"].values())
     start = time.perf_counter()
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         losses = run()
     wall = time.perf_counter() - start
     times = clock.seconds(warmup)
+    breaks = sum(counters["graph_break"].values()) - breaks_before
     return {"steps_timed": len(times), "seconds_per_step_median": round(statistics.median(times), 4),
             "seconds_per_step_mean": round(statistics.mean(times), 4),
             "peak_gib": round((peak_bytes() - placeholder_bytes) / GIB, 2),
-            "node_wall_seconds": round(wall, 1), "losses": [round(x, 5) for x in losses]}
+            "node_wall_seconds": round(wall, 1), "graph_breaks": breaks, "losses": [round(x, 5) for x in losses]}
 
 
 def data(resolution: int, tokens: int, width: int):
@@ -155,7 +162,7 @@ def run_ours(pack, patcher, resolution, steps, tokens, rank, **settings):
     model = patcher.clone()
     model.model_options[core.config.GUIDANCE_OPTION] = 1.0
     node = pack.nodes.train_nodes.Dev2ProTrainLoRA.PREPARE_CLASS_CLONE({"UNIQUE_ID": "bench"})
-    advanced = {k: settings.pop(k) for k in ("compile", "blocks_to_swap") if k in settings}
+    advanced = {k: settings.pop(k) for k in ("compile", "blocks_to_swap", "fp8_matmul") if k in settings}
     out = node.execute(model=model, dataset=dataset, steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank),
                        seed=0, gradient_checkpointing=True, advanced=advanced or None, **settings)
     return list(out.args[3].losses)
@@ -186,9 +193,16 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--eager-too", action="store_true", help="also run ours without torch.compile")
+    parser.add_argument("--fp8-too", action="store_true", help="also run ours with fp8_matmul on")
+    parser.add_argument("--low-vram-fp8", action="store_true", help="low-VRAM rows with fp8_matmul on")
+    parser.add_argument("--python-wrapper-too", action="store_true",
+                        help="also run ours with Inductor's Python kernel launcher instead of its C++ wrapper")
+    parser.add_argument("--fp8-scaling", default="tensor", choices=["tensor", "row"], help="fp8_matmul's activation scaling")
     parser.add_argument("--checkpoint-outside-too", action="store_true",
                         help="also run ours with torch.utils.checkpoint around the compiled block instead of the compiler recomputing")
     parser.add_argument("--skip-comfyui", action="store_true")
+    parser.add_argument("--depth", type=int, nargs=2, default=[19, 38], metavar=("DOUBLE", "SINGLE"),
+                        help="blocks of the model (a shallower Flux-dev width for quick diagnosis)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script, not speed")
     a = parser.parse_args()
     if not CUDA and not a.smoke:
@@ -196,12 +210,14 @@ def main() -> None:
     if a.smoke:
         a.resolutions, a.low_vram, a.steps, a.warmup, a.tokens = [64], [], 2, 1, 8
     pack = import_comfyui_and_pack(cpu=a.smoke)
+    pack.core.fp8_matmul.SCALING = a.fp8_scaling
     import comfy.model_patcher
-    patcher, params = random_flux_dev(TINY_FLUX if a.smoke else FLUX_DEV)
+    shape = TINY_FLUX if a.smoke else dict(FLUX_DEV, depth=a.depth[0], depth_single_blocks=a.depth[1])
+    patcher, params = random_flux_dev(shape)
     common = {"benchmark": "train_step", "gpu": torch.cuda.get_device_name() if CUDA else "cpu (smoke)", "torch": torch.__version__,
               "parameters": params, "date": datetime.date.today().isoformat(), "rank": a.rank, "batch": 1,
               "text_tokens": a.tokens, "base_dtype": "float8_e4m3fn", "compute_dtype": "bfloat16",
-              "gradient_checkpointing": True}
+              "gradient_checkpointing": True, "fp8_scaling": a.fp8_scaling}
     steps = a.warmup + a.steps
 
     def emit(row):
@@ -212,6 +228,7 @@ def main() -> None:
               row["peak_gib"], "GiB", file=sys.stderr, flush=True)
 
     rows = []
+    fp8_low_vram = "on" if a.low_vram_fp8 else "off"
     # Low-VRAM rows first, in a fresh process: after other training runs in the same process, the low-VRAM
     # session crashed in 2 of 4 H100 runs with an illegal memory access (not isolated yet; see the README).
     for resolution in a.low_vram:
@@ -219,28 +236,35 @@ def main() -> None:
         placeholder = torch.empty(max(0, torch.cuda.mem_get_info()[0] - int(a.card_gib * GIB)), dtype=torch.uint8,
                                   device="cuda")
         try:
-            row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank,
-                                         compile=a.low_vram_compile), a.warmup, placeholder.numel())
+            row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, compile=a.low_vram_compile,
+                                         fp8_matmul=fp8_low_vram), a.warmup, placeholder.numel())
         finally:
             del placeholder
             free_everything()
-        rows.append({"trainer": "Dev2ProTrainLoRA", "resolution": resolution, "mode": "low_vram",
-                     "emulated_card_gib": a.card_gib, "compile": a.low_vram_compile, **row})
+        rows.append({"trainer": "Dev2ProTrainLoRA fp8" if a.low_vram_fp8 else "Dev2ProTrainLoRA", "resolution": resolution,
+                     "mode": "low_vram", "emulated_card_gib": a.card_gib, "compile": a.low_vram_compile,
+                     "fp8_matmul": fp8_low_vram, **row})
         progress(rows[-1])
 
     for resolution in a.resolutions:
         variants = [("Dev2ProTrainLoRA", {"compile": "auto"})]
+        if a.fp8_too:
+            variants.append(("Dev2ProTrainLoRA fp8", {"compile": "auto", "fp8_matmul": "on"}))
         if a.eager_too:
             variants.append(("Dev2ProTrainLoRA eager", {"compile": "off"}))
+        if a.python_wrapper_too:
+            variants.append(("Dev2ProTrainLoRA python wrapper", {"compile": "auto"}))
         if a.checkpoint_outside_too:
             variants.append(("Dev2ProTrainLoRA checkpoint outside compile", {"compile": "auto"}))
         for name, settings in variants:
             pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = "outside" not in name
+            pack.core.blocks.CPP_WRAPPER_ON_GPU = "python wrapper" not in name
             row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, **settings), a.warmup)
             rows.append({"trainer": name, "resolution": resolution, "mode": "fast", **settings, **row})
             progress(rows[-1])
             free_everything()
         pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = True
+        pack.core.blocks.CPP_WRAPPER_ON_GPU = True
         if not a.skip_comfyui:
             row = timed(lambda: run_comfyui(patcher, resolution, steps, a.tokens, a.rank), a.warmup)
             rows.append({"trainer": "ComfyUI TrainLoraNode", "resolution": resolution, "mode": "fast", **row})
@@ -260,15 +284,25 @@ def main() -> None:
                               find(r["resolution"], "Dev2ProTrainLoRA eager"))
         if comfy is not None and r is not comfy:
             r["speedup_vs_comfyui"] = round(comfy["seconds_per_step_median"] / r["seconds_per_step_median"], 2)
-        if r["mode"] == "low_vram" and fast is not None:
-            r["slowdown_vs_fast_mode"] = round(r["seconds_per_step_median"] / fast["seconds_per_step_median"], 2)
-        reference, name = (fast, "fast") if r["mode"] == "low_vram" else (eager, "eager") if r is fast else (None, "")
-        if reference is not None:  # same seed, data and noise: the losses must track each other
+        if r["mode"] == "low_vram":  # against the fast mode with the same matmuls
+            same = find(r["resolution"], r["trainer"])
+            if same is not None:
+                r["slowdown_vs_fast_mode"] = round(r["seconds_per_step_median"] / same["seconds_per_step_median"], 2)
+        # same seed, data and noise: the losses must track each other (the first step has the very same weights)
+        references = {"low_vram": [("fast", find(r["resolution"], r["trainer"]))]}.get(r["mode"], [])
+        if r is fast:
+            references.append(("eager", eager))
+        if r["trainer"] == "Dev2ProTrainLoRA fp8":
+            references.append(("bf16", fast))
+        for name, reference in references:
+            if reference is None or reference is r:
+                continue
             ours, ref = r["losses"], reference["losses"]
-            r[f"first_loss_rel_diff_vs_{name}"] = round(abs(ours[0] - ref[0]) / abs(ref[0]), 6)
-            r[f"loss_max_rel_diff_vs_{name}"] = round(max(abs(x - y) / abs(y) for x, y in zip(ours, ref)), 5)
+            diffs = [abs(x - y) / abs(y) for x, y in zip(ours, ref)]
+            r[f"first_loss_rel_diff_vs_{name}"] = round(diffs[0], 6)
+            r[f"loss_max_rel_diff_vs_{name}"] = round(max(diffs), 5)
+            r[f"loss_mean_rel_diff_vs_{name}"] = round(statistics.mean(diffs), 5)
         emit(r)
-
 
 if __name__ == "__main__":
     main()
