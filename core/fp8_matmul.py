@@ -21,6 +21,10 @@ E4M3_MAX = torch.finfo(E4M3).max  # 448
 SKIPPED_SUFFIXES = ("mod.lin", "modulation.lin")
 
 
+class Fp8Unavailable(ValueError):
+    """fp8_matmul is on, but this GPU or this model cannot do it; the message says what to change."""
+
+
 def unsupported_reason(device: torch.device) -> str | None:
     """Why fp8 matmuls cannot run on ``device``, or None. CPUs run them (slowly): that is what the tests use."""
     if device.type == "cpu":
@@ -37,8 +41,8 @@ def unsupported_reason(device: torch.device) -> str | None:
 
 # How the input is scaled: "tensor" (one scale) or "row" (one per token). The benchmarks flip it to compare.
 SCALING = "tensor"
-# Hopper's fast fp8 accumulation, as torchao's float8 forward uses it: 5-11% faster matmuls at Flux's shapes on an
-# H100 (benchmarks/fp8_linear.py). The benchmarks flip it to compare.
+# Hopper's fast fp8 accumulation, as torchao's float8 forward uses it: 3-13% faster matmuls at Flux's shapes on an
+# H100 (benchmarks/fp8_gemm.py). The benchmarks flip it to compare.
 FAST_ACCUMULATION = True
 
 
@@ -120,7 +124,7 @@ def fp8_base_matmuls(layers: dict, compute_dtype: torch.dtype):
             continue
         routed[name] = base
     if not routed:
-        raise ValueError("fp8_matmul 'on' needs the model loaded in fp8 e4m3fn (Dev2ProLoadModel weight_dtype "
+        raise Fp8Unavailable("fp8_matmul 'on' needs the model loaded in fp8 e4m3fn (Dev2ProLoadModel weight_dtype "
                          "fp8_e4m3fn, or an fp8 checkpoint); this model's block weights are not fp8. Set "
                          "fp8_matmul to off, or load the model in fp8")
     try:

@@ -24,7 +24,7 @@ from .block_swap import block_swap
 from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
-from .fp8_matmul import fp8_base_matmuls, unsupported_reason
+from .fp8_matmul import Fp8Unavailable, fp8_base_matmuls, unsupported_reason
 from .lora_format import LoRAWeights
 from .lora_layers import adapter_parameters, extract_weights, flat_parameters, lora_injected
 from .optimizers import make_optimizer
@@ -207,7 +207,7 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
     config.validate()
     check_compatible(model_patcher.model, dataset)
     if config.fp8_matmul == "on" and (reason := unsupported_reason(model_patcher.load_device)):
-        raise ValueError(f"{reason}. Set fp8_matmul to off in the advanced settings")
+        raise Fp8Unavailable(f"{reason}. Set fp8_matmul to off in the advanced settings")
     if resume is not None:
         check_resumable(config, resume)
     if config.caption_dropout > 0:

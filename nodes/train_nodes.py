@@ -13,6 +13,7 @@ from comfy_api.latest import io
 
 from ..core.config import COMPILE_MODES, FP8_MATMUL_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS
 from ..core.dataset import TrainingDataset
+from ..core.fp8_matmul import Fp8Unavailable
 from ..core.lora_format import TrainedLoRA
 from ..core.loss_plot import draw_loss_curve
 from ..core.optimizers import MissingPackage
@@ -92,6 +93,8 @@ def run_training(node: str, node_id: str, model, dataset: TrainingDataset, confi
         raise rescue(node, model, config, e) from e
     except MissingPackage as e:
         raise node_error(node, "optimizer", str(e)) from e
+    except Fp8Unavailable as e:
+        raise node_error(node, "advanced: fp8_matmul", str(e)) from e
     except ValueError as e:
         raise node_error(node, "model/dataset/training_state", str(e)) from e
     if cancelled[0]:

@@ -135,3 +135,35 @@ def test_a_nan_loss_stops_with_a_clear_error_and_saves_the_last_good_adapter(com
     assert os.path.isfile(rescue.replace(".safetensors", ".dev2pro-state"))
     assert all(torch.isfinite(t.float()).all() for t in load_file(rescue).values())
     assert not os.path.exists(comfy.path("loras", "nan"))
+
+
+def advanced(fp8_matmul):
+    return {"class_type": "Dev2ProTrainAdvanced", "inputs": {
+        "sigmoid_scale": 1.0, "shift": 3.0, "logit_mean": 0.0, "logit_std": 1.0, "huber_delta": 0.1,
+        "weight_decay": 0.01, "compile": "off", "fp8_matmul": fp8_matmul}}
+
+
+def test_fp8_matmul_from_the_advanced_settings_trains_and_saves(comfy, files):
+    g = graph({"advanced": ["advanced", 0]})
+    g["advanced"] = advanced("on")
+    g["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["train", 0], "filename_prefix": "fp8/lora"}}
+    plain = graph()
+    plain["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["train", 0], "filename_prefix": "plain/lora"}}
+    fp8_lora = load_file(saved(comfy, comfy.run(g)))
+    plain_lora = load_file(saved(comfy, comfy.run(plain)))
+    assert fp8_lora.keys() == plain_lora.keys()
+    assert any(not torch.equal(fp8_lora[k], plain_lora[k]) for k in fp8_lora), "fp8_matmul must reach the trainer"
+    assert all(torch.isfinite(t.float()).all() for t in fp8_lora.values())
+
+
+def test_fp8_matmul_on_a_bf16_model_names_the_setting_and_the_fix(comfy, files):
+    g = graph({"advanced": ["advanced", 0]})
+    g["load"]["inputs"]["weight_dtype"] = "bf16"
+    g["advanced"] = advanced("on")
+    g["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["train", 0], "filename_prefix": "fp8bad/lora"}}
+    with pytest.raises(ExecutionFailed) as caught:
+        comfy.run(g)
+    message = caught.value.message
+    assert "Dev2ProTrainLoRA (advanced: fp8_matmul): fp8_matmul 'on' needs the model loaded in fp8 e4m3fn" in message
+    assert "Set fp8_matmul to off" in message
+    assert not os.path.exists(comfy.path("loras", "fp8bad"))
