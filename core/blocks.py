@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .block_swap import BlockSwap
+
+log = logging.getLogger("dev2pro-lora")
 
 
 def _double_block(block, img, txt, vec, pe, attn_mask, transformer_options):
@@ -121,12 +124,27 @@ RECOMPILE_LIMIT = 64
 CPP_WRAPPER_ON_GPU = True
 
 
+@functools.cache
+def _cpp_compiler_found() -> bool:
+    """The C++ wrapper needs a C++ compiler at run time (g++/clang, or MSVC's cl on Windows), which torch.compile
+    itself does not: without one, the blocks keep Inductor's Python launcher instead of failing to compile."""
+    try:
+        from torch._inductor import cpp_builder
+
+        cpp_builder.get_cpp_compiler()
+        return True
+    except Exception as e:  # noqa: BLE001  any failure to find or run it means: no C++ wrapper
+        log.warning("no C++ compiler for Inductor's C++ wrapper (%s): compiled blocks keep the Python launcher, "
+                    "slower at small image sizes. Install g++ (Linux) or the MSVC build tools (Windows)", e)
+        return False
+
+
 @contextlib.contextmanager
 def compiler_settings(device_type: str):
     """For a training session: room for the block functions' variants and, on a GPU, the C++ launcher. Both are
     global compiler settings, so they are put back after the session."""
     limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    cpp_wrapper = CPP_WRAPPER_ON_GPU and device_type == "cuda"
+    cpp_wrapper = CPP_WRAPPER_ON_GPU and device_type == "cuda" and _cpp_compiler_found()
     with torch._dynamo.config.patch(recompile_limit=limit), torch._inductor.config.patch(cpp_wrapper=cpp_wrapper):
         yield
 

@@ -115,3 +115,24 @@ def test_a_session_raises_the_recompile_limit_and_puts_compiler_settings_back(co
         torch._dynamo.config.recompile_limit), steps=2)
     assert seen and all(during >= core.blocks.RECOMPILE_LIMIT for during in seen)
     assert (torch._dynamo.config.recompile_limit, torch._inductor.config.cpp_wrapper) == (limit, cpp_wrapper)
+
+
+@pytest.mark.parametrize("compiler_found", [True, False])
+def test_the_cpp_launcher_is_used_on_gpus_only_where_a_cpp_compiler_is(core, monkeypatch, compiler_found):
+    # without g++ / MSVC (common on Windows ComfyUI installs), asking for it would fail the first compiled step
+    from torch._inductor import cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    if not compiler_found:
+        monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    core.blocks._cpp_compiler_found.cache_clear()
+    try:
+        with core.blocks.compiler_settings("cuda"):
+            on_gpu = torch._inductor.config.cpp_wrapper
+        with core.blocks.compiler_settings("cpu"):
+            on_cpu = torch._inductor.config.cpp_wrapper
+    finally:
+        core.blocks._cpp_compiler_found.cache_clear()
+    assert (on_gpu, on_cpu) == (compiler_found, False)
