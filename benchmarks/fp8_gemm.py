@@ -8,24 +8,20 @@ transpose (what an fp8 input gradient would need). Milliseconds per call, one JS
 Needs a CUDA GPU of compute capability 8.9 or newer.
 """
 import json
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fp8_linear import gpu_ms  # noqa: E402
 
 TOKENS = 4608
 SHAPES = [(9216, 3072), (3072, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360)]  # (out, in)
 
 
-def ms(fn, repeat=50):
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat
+def ms(fn):
+    return gpu_ms(fn, repeat=50, warmup=5)
 
 
 def main():

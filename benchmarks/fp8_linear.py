@@ -42,8 +42,9 @@ class Fp8Weight(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
 
 
-def gpu_ms(fn, repeat=20) -> float:
-    for _ in range(3):
+def gpu_ms(fn, repeat=20, warmup=3) -> float:
+    """Milliseconds per call of ``fn`` on the GPU timeline (CUDA events around ``repeat`` calls)."""
+    for _ in range(warmup):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()

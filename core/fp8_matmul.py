@@ -116,7 +116,7 @@ def fits(linear: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def fp8_base_matmuls(layers: dict, compute_dtype: torch.dtype):
     """Route the base Linear of each LoRA layer in ``layers`` ({name: peft LoraLayer}) through fp8 matmuls for
-    the ``with`` body; yields the number of layers routed. Raises ValueError when the base is not fp8."""
+    the ``with`` body. Raises Fp8Unavailable when the base is not fp8."""
     routed = {}
     for name, layer in layers.items():
         base = layer.base_layer
@@ -130,7 +130,7 @@ def fp8_base_matmuls(layers: dict, compute_dtype: torch.dtype):
     try:
         for name, base in routed.items():
             layers[name].base_layer = Fp8BaseLinear(base, compute_dtype)
-        yield len(routed)
+        yield
     finally:
         for name, base in routed.items():
             layers[name].base_layer = base

@@ -58,16 +58,22 @@ def test_block_swap_holds_at_most_two_blocks_and_fetches_the_next_one_ahead(core
         swap.restore()
 
 
-def test_compiled_blocks_train_like_eager(core, model_file):
+def assert_compiled_trains_like_eager(core, model_file, steps, **settings):
+    """A compiled run (with ``settings``) against eager on the same data: the same losses and adapter within
+    float tolerance, and the shared MODEL left as it was."""
     data = latent_dataset(core, images=2)
-    eager = train(core, load(core, model_file), data, steps=3, compile="off")
+    eager = train(core, load(core, model_file), data, steps=steps, compile="off")
     patcher = load(core, model_file)
     output = forward(patcher)
-    compiled = train(core, patcher, data, steps=3, compile="on")
+    compiled = train(core, patcher, data, steps=steps, compile="on", **settings)
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     for name in eager.weights.up:
         assert torch.allclose(compiled.weights.up[name], eager.weights.up[name], rtol=1e-3, atol=1e-6), name
     assert torch.equal(forward(patcher), output)
+
+
+def test_compiled_blocks_train_like_eager(core, model_file):
+    assert_compiled_trains_like_eager(core, model_file, steps=3)
 
 
 def test_loss_of_every_step_is_reported_in_order_though_read_a_step_late(core, model_file):
@@ -95,15 +101,7 @@ def test_swapping_more_blocks_than_the_model_has_is_refused(core, model_file):
 
 def test_compiled_blocks_with_block_swap_train_like_eager(core, model_file):
     # the low-VRAM path on a GPU: torch.utils.checkpoint around the compiled block, weights fetched per block
-    data = latent_dataset(core, images=2)
-    eager = train(core, load(core, model_file), data, steps=2, compile="off")
-    patcher = load(core, model_file)
-    output = forward(patcher)
-    swapped = train(core, patcher, data, steps=2, compile="on", blocks_to_swap=2)
-    assert swapped.losses == pytest.approx(eager.losses, rel=1e-4)
-    for name in eager.weights.up:
-        assert torch.allclose(swapped.weights.up[name], eager.weights.up[name], rtol=1e-3, atol=1e-6), name
-    assert torch.equal(forward(patcher), output)
+    assert_compiled_trains_like_eager(core, model_file, steps=2, blocks_to_swap=2)
 
 
 def test_a_session_raises_the_recompile_limit_and_puts_compiler_settings_back(core, model_file):
