@@ -197,7 +197,6 @@ def main() -> None:
     parser.add_argument("--low-vram-fp8", action="store_true", help="low-VRAM rows with fp8_matmul on")
     parser.add_argument("--python-wrapper-too", action="store_true",
                         help="also run ours with Inductor's Python kernel launcher instead of its C++ wrapper")
-    parser.add_argument("--cuda-graphs-too", action="store_true", help="also run ours with CUDA graphs (and fp8 with --fp8-too)")
     parser.add_argument("--fp8-scaling", default="tensor", choices=["tensor", "row"], help="fp8_matmul's activation scaling")
     parser.add_argument("--checkpoint-outside-too", action="store_true",
                         help="also run ours with torch.utils.checkpoint around the compiled block instead of the compiler recomputing")
@@ -252,10 +251,6 @@ def main() -> None:
         variants = [("Dev2ProTrainLoRA", {"compile": "auto"})]
         if a.fp8_too:
             variants.append(("Dev2ProTrainLoRA fp8", {"compile": "auto", "fp8_matmul": "on"}))
-        if a.cuda_graphs_too:
-            variants.append(("Dev2ProTrainLoRA cuda graphs", {"compile": "auto"}))
-            if a.fp8_too:
-                variants.append(("Dev2ProTrainLoRA cuda graphs fp8", {"compile": "auto", "fp8_matmul": "on"}))
         if a.eager_too:
             variants.append(("Dev2ProTrainLoRA eager", {"compile": "off"}))
         if a.python_wrapper_too:
@@ -267,14 +262,12 @@ def main() -> None:
         for name, settings in variants:
             pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = "outside" not in name
             pack.core.blocks.CPP_WRAPPER_ON_GPU = "python wrapper" not in name
-            pack.core.blocks.CUDA_GRAPHS_ON_GPU = "cuda graphs" in name
             row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, **settings), a.warmup)
             rows.append({"trainer": name, "resolution": resolution, "mode": "fast", **settings, **row})
             progress(rows[-1])
             free_everything()
         pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = True
         pack.core.blocks.CPP_WRAPPER_ON_GPU = True
-        pack.core.blocks.CUDA_GRAPHS_ON_GPU = False
         if not a.skip_comfyui:
             row = timed(lambda: run_comfyui(patcher, resolution, steps, a.tokens, a.rank), a.warmup)
             rows.append({"trainer": "ComfyUI TrainLoraNode", "resolution": resolution, "mode": "fast", **row})

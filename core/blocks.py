@@ -70,37 +70,18 @@ def _single_recomputed(block, *args):
         return _single_block(block, *args)
 
 
-def _double_graphed(block, *args):
-    with _OutOfPlaceAdds():
-        return _double_block(block, *args)
-
-
-def _single_graphed(block, *args):
-    with _OutOfPlaceAdds():
-        return _single_block(block, *args)
-
-
 @functools.cache
-def _compiled_recomputing(kind: str, graphed: bool = False):
+def _compiled_recomputing(kind: str):
     """Checkpointing done by the compiler: compiled with an activation memory budget of 0, the block's backward
     graph recomputes its forward from the block's inputs, so a block is one compiled forward plus one compiled
     backward, with no Python checkpoint machinery around it. (Distinct functions from ``_compiled``: dynamo
-    caches graphs per code object, and these are partitioned differently.)
-
-    ``graphed``: each block call is replayed as a CUDA graph (Inductor's CUDA graph trees), one launch instead of
-    about a hundred; again distinct functions, so graphs compiled without CUDA graphs are never reused for it."""
-    if graphed:
-        return torch.compile(_double_graphed if kind == "double" else _single_graphed, mode="reduce-overhead")
+    caches graphs per code object, and these are partitioned differently.)"""
     return torch.compile(_double_recomputed if kind == "double" else _single_recomputed)
 
 
-def _call_recomputing(kind: str, graphed: bool, *args):
+def _call_recomputing(kind: str, *args):
     with torch._functorch.config.patch(activation_memory_budget=0.0):
-        return _compiled_recomputing(kind, graphed)(*args)
-
-
-# CUDA graphs for the compiler-recomputed blocks on GPUs. Benchmarks flip this.
-CUDA_GRAPHS_ON_GPU = False
+        return _compiled_recomputing(kind)(*args)
 
 
 # Block swap needs the recomputation to pass through Python (to fetch the weights back), so it keeps
@@ -159,11 +140,11 @@ def _cpp_compiler_found() -> bool:
 
 
 @contextlib.contextmanager
-def compiler_settings(device_type: str, graphed: bool = False):
-    """For a training session: room for the block functions' variants and, on a GPU, the C++ launcher (not needed
-    when CUDA graphs replay the kernels). Both are global compiler settings, so they are put back after the session."""
+def compiler_settings(device_type: str):
+    """For a training session: room for the block functions' variants and, on a GPU, the C++ launcher. Both are
+    global compiler settings, so they are put back after the session."""
     limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    cpp_wrapper = CPP_WRAPPER_ON_GPU and device_type == "cuda" and not graphed and _cpp_compiler_found()
+    cpp_wrapper = CPP_WRAPPER_ON_GPU and device_type == "cuda" and _cpp_compiler_found()
     with torch._dynamo.config.patch(recompile_limit=limit), torch._inductor.config.patch(cpp_wrapper=cpp_wrapper):
         yield
 
@@ -176,13 +157,11 @@ class BlockRunner:
     - ``swap``: a BlockSwap that streams off-GPU block weights in just before each block runs.
     """
 
-    def __init__(self, model: torch.nn.Module, checkpointing: bool, compiled: bool, swap: BlockSwap | None = None,
-                 graphed: bool = False):
+    def __init__(self, model: torch.nn.Module, checkpointing: bool, compiled: bool, swap: BlockSwap | None = None):
         self.model = model
         self.checkpointing = checkpointing
         self.compiled = compiled
         self.swap = swap
-        self.graphed = graphed and self.recomputed_by_compiler
 
     def _run(self, kind: str, index: int, block, args: tuple):
         def call(*tensors):
@@ -200,7 +179,7 @@ class BlockRunner:
         """Each entry binds its block itself: ComfyUI's ``original_block`` closes over its loop variable, so
         calling it again during backward's recomputation would run the last block instead."""
         doubles = len(self.model.double_blocks)
-        if self.recomputed_by_compiler:
+        if self.compiled and self.checkpointing and self.swap is None and RECOMPUTE_IN_COMPILED_BACKWARD:
             entry = self._recomputed_by_compiler
         else:
             entry = self._through_python
@@ -209,19 +188,14 @@ class BlockRunner:
                     for i, b in enumerate(self.model.single_blocks)})
         return dit
 
-    @property
-    def recomputed_by_compiler(self) -> bool:
-        return self.compiled and self.checkpointing and self.swap is None and RECOMPUTE_IN_COMPILED_BACKWARD
-
-    def _recomputed_by_compiler(self, kind: str, index: int, block):
-        graphed = self.graphed
-
+    @staticmethod
+    def _recomputed_by_compiler(kind: str, index: int, block):
         def replace(args, extra):
             rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
             if kind == "double":
-                img, txt = _call_recomputing("double", graphed, block, args["img"], args["txt"], *rest)
+                img, txt = _call_recomputing("double", block, args["img"], args["txt"], *rest)
                 return {"img": img, "txt": txt}
-            return {"img": _call_recomputing("single", graphed, block, args["img"], *rest)}
+            return {"img": _call_recomputing("single", block, args["img"], *rest)}
 
         return replace
 

@@ -21,7 +21,6 @@ import comfy.model_base
 import comfy.model_management
 
 from .block_swap import block_swap
-from . import blocks
 from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
@@ -280,17 +279,14 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
         compute_dtype = torch.bfloat16
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda" and compute_dtype != torch.float32)
     transformer_options = dict(model_patcher.model_options.get("transformer_options", {}))
-    # CUDA graphs hand each step's gradients out of a memory pool that the next step's replay overwrites, so
-    # gradients accumulated over micro-batches would be lost: only without accumulation.
-    graphed = blocks.CUDA_GRAPHS_ON_GPU and device.type == "cuda" and config.gradient_accumulation == 1
 
     with torch.inference_mode(False), frozen_base(transformer), \
             lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter,
                           device=device) as layers, \
             (fp8_base_matmuls(layers, compute_dtype) if config.fp8_matmul == "on" else contextlib.nullcontext()), \
             block_swap(transformer, config.blocks_to_swap, device) as swap, \
-            compiler_settings(device.type, graphed):
-        runner = BlockRunner(transformer, config.gradient_checkpointing, config.compiled_on(device.type), swap, graphed)
+            compiler_settings(device.type):
+        runner = BlockRunner(transformer, config.gradient_checkpointing, config.compiled_on(device.type), swap)
         transformer_options["patches_replace"] = {"dit": runner.replacements()}
         if run.adapter is None:
             run.attach(layers, device)
@@ -321,8 +317,6 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
         while step < until:
             step += 1
             lr = config.learning_rate * lr_multiplier(config, step)
-            if runner.graphed:
-                torch.compiler.cudagraph_mark_step_begin()
             stats, first_indices = _forward_backward(run, dataset, plan, step, base, transformer, transformer_options,
                                                      autocast, device, compute_dtype)
             max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
