@@ -230,8 +230,8 @@ def main() -> None:
 
     rows = []
     fp8_low_vram = "on" if a.low_vram_fp8 else "off"
-    # Low-VRAM rows first, in a fresh process: after other training runs in the same process, the low-VRAM
-    # session crashed in 2 of 4 H100 runs with an illegal memory access (not isolated yet; see the README).
+    # Low-VRAM rows first, as in the README's numbers. (They crashed after an eager session at the same size while
+    # swap sessions used cuDNN attention; see the README.)
     for resolution in a.low_vram:
         free_everything()  # the model goes to the CPU, so the load below sees only the emulated card
         placeholder = torch.empty(max(0, torch.cuda.mem_get_info()[0] - int(a.card_gib * GIB)), dtype=torch.uint8,

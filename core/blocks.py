@@ -60,6 +60,16 @@ def _single_out_of_place(block, *args):
         return _single_block(block, *args)
 
 
+def _double_swapped(block, *args):
+    with _OutOfPlaceAdds():
+        return _double_block(block, *args)
+
+
+def _single_swapped(block, *args):
+    with _OutOfPlaceAdds():
+        return _single_block(block, *args)
+
+
 def _double_recomputed(block, *args):
     with _OutOfPlaceAdds():
         return _double_block(block, *args)
@@ -90,10 +100,15 @@ RECOMPUTE_IN_COMPILED_BACKWARD = True
 
 
 @functools.cache
-def _compiled(kind: str):
+def _compiled(kind: str, swapped: bool = False):
     """One compiled function per block kind, shared by all blocks of that kind: the block is an argument, so
     the 19 double and 38 single blocks reuse one graph each instead of compiling 57 times. A new image size
-    compiles once more, with dynamic shapes from then on."""
+    compiles once more, with dynamic shapes from then on.
+
+    ``swapped``: distinct functions for block swap, so that a graph traced with cuDNN attention is never reused
+    where attention must go without it (``attention_without_cudnn``), whatever dynamo's guards cover."""
+    if swapped:
+        return torch.compile(_double_swapped if kind == "double" else _single_swapped)
     return torch.compile(_double_out_of_place if kind == "double" else _single_out_of_place)
 
 
@@ -149,6 +164,38 @@ def compiler_settings(device_type: str):
         yield
 
 
+# cuDNN's attention backward crashed block-swap training with an illegal memory access (H100, torch 2.11) whenever
+# an eager training session at the same size had run earlier in the process: 7 of 7 runs of
+# benchmarks/low_vram_after_fast.py --sequence eager:1024 low_vram:1024, whatever the kernel launcher or copy stream;
+# with CUDA_LAUNCH_BLOCKING=1 the faulting kernel is cuDNN's attention backward inside the compiled block. cuDNN
+# keeps its attention graphs in a process-wide cache. ComfyUI puts cuDNN first inside its own attention call, so a
+# global switch cannot reach it: swap sessions route attention through ComfyUI's override hook instead, to SDPA's
+# other fused kernels. Benchmarks flip this.
+CUDNN_ATTENTION_IN_SWAP = False
+
+
+def attention_without_cudnn(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                            skip_output_reshape=False, **kwargs):
+    """ComfyUI's ``optimized_attention_override``: what its PyTorch attention does, on flash or memory-efficient
+    attention instead of cuDNN's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if skip_reshape:
+        b, _, _, dim_head = q.shape
+    else:
+        b, _, dim_head = q.shape
+        dim_head //= heads
+        q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+    if mask is not None:
+        mask = mask.unsqueeze(0) if mask.ndim == 2 else mask
+        mask = mask.unsqueeze(1) if mask.ndim == 3 else mask
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    if skip_output_reshape:
+        return out
+    return out.transpose(1, 2).reshape(b, -1, heads * dim_head)
+
+
 class BlockRunner:
     """Runs the transformer's blocks for training: ``replacements()`` gives the ``patches_replace`` "dit" entries.
 
@@ -168,7 +215,7 @@ class BlockRunner:
             if self.swap is not None:
                 self.swap.enter(index)
             if self.compiled:
-                return _compiled(kind)(block, *tensors, *args)
+                return _compiled(kind, self.swap is not None)(block, *tensors, *args)
             if self.checkpointing:
                 return _on_copies(kind)(block, *tensors, *args)
             return _eager_saving_copies(kind, block, tensors + args)

@@ -21,6 +21,7 @@ import comfy.model_base
 import comfy.model_management
 
 from .block_swap import block_swap
+from . import blocks
 from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
@@ -288,6 +289,8 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
             compiler_settings(device.type):
         runner = BlockRunner(transformer, config.gradient_checkpointing, config.compiled_on(device.type), swap)
         transformer_options["patches_replace"] = {"dit": runner.replacements()}
+        if swap is not None and device.type == "cuda" and not blocks.CUDNN_ATTENTION_IN_SWAP:
+            transformer_options.setdefault("optimized_attention_override", blocks.attention_without_cudnn)
         if run.adapter is None:
             run.attach(layers, device)
         params = flat_parameters(run.adapter)

@@ -134,3 +134,32 @@ def test_the_cpp_launcher_is_used_on_gpus_only_where_a_cpp_compiler_is(core, mon
     finally:
         core.blocks._cpp_compiler_found.cache_clear()
     assert (on_gpu, on_cpu) == (compiler_found, False)
+
+
+@pytest.mark.parametrize("skip_reshape, skip_output_reshape, masked", [
+    (True, False, False),  # how Flux calls it
+    (False, False, True),
+    (False, True, False),
+])
+def test_swap_sessions_attention_computes_what_comfyuis_does(core, skip_reshape, skip_output_reshape, masked):
+    """Block-swap sessions on a GPU replace ComfyUI's attention (which puts cuDNN first: the low-VRAM crash) through
+    its optimized_attention_override hook; the replacement must compute the same attention for every calling form."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    g = torch.Generator().manual_seed(0)
+    heads, dim_head, tokens = 2, 16, 24
+    shape = (1, heads, tokens, dim_head) if skip_reshape else (1, tokens, heads * dim_head)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    mask = torch.randn(tokens, tokens, generator=g) if masked else None
+    options = dict(mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape)
+    calls = []
+
+    def override(*args, **kwargs):
+        calls.append(args[0])
+        return core.blocks.attention_without_cudnn(*args, **kwargs)
+
+    expected = attention_pytorch(q, k, v, heads, **options)
+    routed = attention_pytorch(q, k, v, heads, transformer_options={"optimized_attention_override": override}, **options)
+    assert len(calls) == 1
+    assert routed.shape == expected.shape
+    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
