@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import types
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -60,56 +61,39 @@ def _single_out_of_place(block, *args):
         return _single_block(block, *args)
 
 
-def _double_swapped(block, *args):
-    with _OutOfPlaceAdds():
-        return _double_block(block, *args)
-
-
-def _single_swapped(block, *args):
-    with _OutOfPlaceAdds():
-        return _single_block(block, *args)
-
-
-def _double_recomputed(block, *args):
-    with _OutOfPlaceAdds():
-        return _double_block(block, *args)
-
-
-def _single_recomputed(block, *args):
-    with _OutOfPlaceAdds():
-        return _single_block(block, *args)
+def _own_code(function, name: str):
+    """``function`` again, under a code object of its own. Dynamo keeps compiled graphs, and its recompile budget,
+    per code object, so each use of the block functions whose graphs must never be shared gets its own copy."""
+    return types.FunctionType(function.__code__.replace(co_name=name), function.__globals__, name,
+                              function.__defaults__, function.__closure__)
 
 
 @functools.cache
-def _compiled_recomputing(kind: str):
-    """Checkpointing done by the compiler: compiled with an activation memory budget of 0, the block's backward
-    graph recomputes its forward from the block's inputs, so a block is one compiled forward plus one compiled
-    backward, with no Python checkpoint machinery around it. (Distinct functions from ``_compiled``: dynamo
-    caches graphs per code object, and these are partitioned differently.)"""
-    return torch.compile(_double_recomputed if kind == "double" else _single_recomputed)
+def _compiled(kind: str, use: str = "plain"):
+    """One compiled function per block kind, shared by all blocks of that kind: the block is an argument, so
+    the 19 double and 38 single blocks reuse one graph each instead of compiling 57 times. A new image size
+    compiles once more, with dynamic shapes from then on.
+
+    ``use`` keeps graphs apart that must not be reused for one another:
+    - "recomputed": checkpointing done by the compiler. Compiled with an activation memory budget of 0, the
+      block's backward graph recomputes its forward from the block's inputs, so a block is one compiled forward
+      plus one compiled backward, with no Python checkpoint machinery around it; partitioned differently.
+    - "swapped": block swap, where attention must go without cuDNN (``attention_without_cudnn``), whatever
+      dynamo's guards cover."""
+    function = _double_out_of_place if kind == "double" else _single_out_of_place
+    if use != "plain":
+        function = _own_code(function, f"_{kind}_{use}")
+    return torch.compile(function)
 
 
 def _call_recomputing(kind: str, *args):
     with torch._functorch.config.patch(activation_memory_budget=0.0):
-        return _compiled_recomputing(kind)(*args)
+        return _compiled(kind, "recomputed")(*args)
 
 
 # Block swap needs the recomputation to pass through Python (to fetch the weights back), so it keeps
 # torch.utils.checkpoint around the compiled block; without swap the compiler recomputes. Benchmarks flip this.
 RECOMPUTE_IN_COMPILED_BACKWARD = True
-
-
-@functools.cache
-def _compiled(kind: str, swapped: bool = False):
-    """One compiled function per block kind, shared by all blocks of that kind: the block is an argument, so
-    the 19 double and 38 single blocks reuse one graph each instead of compiling 57 times. A new image size
-    compiles once more, with dynamic shapes from then on.
-
-    ``swapped``: distinct functions for block swap, so that a graph traced with cuDNN attention is never reused
-    where attention must go without it (``attention_without_cudnn``), whatever dynamo's guards cover."""
-    if swapped:
-        return torch.compile(_double_swapped if kind == "double" else _single_swapped)
-    return torch.compile(_double_out_of_place if kind == "double" else _single_out_of_place)
 
 
 def _eager_saving_copies(kind: str, block, args: tuple):
@@ -215,7 +199,7 @@ class BlockRunner:
             if self.swap is not None:
                 self.swap.enter(index)
             if self.compiled:
-                return _compiled(kind, self.swap is not None)(block, *tensors, *args)
+                return _compiled(kind, "swapped" if self.swap is not None else "plain")(block, *tensors, *args)
             if self.checkpointing:
                 return _on_copies(kind)(block, *tensors, *args)
             return _eager_saving_copies(kind, block, tensors + args)
