@@ -124,8 +124,10 @@ def velocity_loss(prediction: torch.Tensor, target: torch.Tensor, config: TrainC
     return torch.nn.functional.mse_loss(prediction, target)
 
 
-def _micro_batch(dataset: TrainingDataset, indices: list[int], config: TrainConfig, generator: torch.Generator):
-    """Stacked latents, captions (with dropout) and pooled vectors of one micro-batch, each row its own caption."""
+def _micro_batch(dataset: TrainingDataset, indices: list[int], config: TrainConfig, generator: torch.Generator,
+                 pin: bool = False):
+    """Stacked latents, captions (with dropout) and pooled vectors of one micro-batch, each row its own caption;
+    the captions in page-locked memory with ``pin`` (they are the large part of a GPU step's input copies)."""
     samples = [dataset.samples[i] for i in indices]
     contexts, pooled = [], []
     for sample in samples:
@@ -136,7 +138,30 @@ def _micro_batch(dataset: TrainingDataset, indices: list[int], config: TrainConf
         else:
             contexts.append(sample.context)
             pooled.append(sample.pooled)
-    return torch.stack([s.latent for s in samples]).float(), torch.stack(contexts), torch.stack(pooled)
+    return torch.stack([s.latent for s in samples]).float(), _stacked(contexts, pin), _stacked(pooled, pin)
+
+
+def _stacked(tensors: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    if not pin:
+        return torch.stack(tensors)
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+    return torch.stack(tensors, out=out)
+
+
+# A copy to a GPU from pageable host memory first waits for all work queued on the stream, so the six small input
+# copies at the start of every step drained the GPU's queue: the CPU lost its lead each step and the GPU then idled
+# while the next step's first blocks were launched. From page-locked memory the copies queue like kernels.
+# Benchmarks flip this.
+PIN_HOST_INPUTS = True
+
+
+def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device`` without a host sync: through page-locked memory to a GPU; the cast happens there."""
+    if device.type == "cuda" and PIN_HOST_INPUTS:
+        t = (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    return t if dtype is None else t.to(dtype)
 
 
 class _Run:
@@ -360,7 +385,8 @@ def _forward_backward(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step
         indices = plan.batch((step - 1) * config.gradient_accumulation + micro)
         first_indices = first_indices or indices
         generator = torch.Generator().manual_seed(mix_seed(config.seed, 2, step, micro))
-        latents, context, pooled = _micro_batch(dataset, indices, config, generator)
+        latents, context, pooled = _micro_batch(dataset, indices, config, generator,
+                                                pin=device.type == "cuda" and PIN_HOST_INPUTS)
         x0 = base.process_latent_in(latents)
         noise = torch.randn(x0.shape, generator=generator)
         tokens = math.ceil(x0.shape[-2] / 2) * math.ceil(x0.shape[-1] / 2)
@@ -369,14 +395,14 @@ def _forward_backward(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step
         guidance = torch.full((x0.shape[0],), config.guidance)
         with autocast:
             velocity = transformer(
-                xt.to(device, compute_dtype, non_blocking=True),
-                t.flatten().to(device, non_blocking=True),
-                context.to(device, compute_dtype, non_blocking=True),
-                y=pooled.to(device, compute_dtype, non_blocking=True),
-                guidance=guidance.to(device, compute_dtype, non_blocking=True),
+                _to_device(xt, device, compute_dtype),
+                _to_device(t.flatten(), device),
+                _to_device(context, device, compute_dtype),
+                y=_to_device(pooled, device, compute_dtype),
+                guidance=_to_device(guidance, device, compute_dtype),
                 transformer_options=transformer_options,
             )
-        loss = velocity_loss(velocity.float(), (noise - x0).to(device, non_blocking=True), config) / config.gradient_accumulation
+        loss = velocity_loss(velocity.float(), _to_device(noise - x0, device), config) / config.gradient_accumulation
         loss.backward()
         loss_sum += loss.detach()
     return loss_sum, first_indices
