@@ -86,9 +86,31 @@ def _compiled(kind: str, use: str = "plain"):
     return torch.compile(function)
 
 
-def _call_recomputing(kind: str, *args):
-    with torch._functorch.config.patch(activation_memory_budget=0.0):
-        return _compiled(kind, "recomputed")(*args)
+# The compiler's activation memory budget of the recomputed blocks, by block kind and fp8_matmul: 0 recomputes the
+# whole block in backward from its input; more lets the partitioner keep what costs most to recompute per byte
+# (at 0.05, 700 fewer small matmuls a step: by their count, the LoRA down-projections and modulation vectors).
+# Left at 0 for now. On the H100 at
+# 1024x1024 (benchmarks/profile_step.py --budgets, results/2026-11-24_h100_recompute_budget.jsonl) it pays:
+# - bf16: 0 -> 0.545 s; 0.035 -> 0.532 s / 15.15 GiB; 0.05 -> 0.510 s but 16.3 GiB.
+# - fp8_matmul: 0 -> 0.508 s; 0.05 -> 0.471-0.474 s / 15.03 GiB; 0.07 -> 0.443 s but 16.2 GiB.
+# but in the one train_step.py run with bf16 0.035 and fp8 (double 0.07, single 0.05), 512x512 got slower and
+# larger: 0.227 s / 15.3 GiB against 0.202 s / 13.1 GiB with 0, fp8 0.248 s / 15.2 GiB against 0.219 s (results/
+# 2026-11-24_h100_recompute_budget_train_step_partial.txt), which is not understood yet. Benchmarks flip these.
+RECOMPUTE_MEMORY_BUDGETS = {
+    ("double", False): 0.0, ("single", False): 0.0,
+    ("double", True): 0.0, ("single", True): 0.0,
+}
+
+
+def recompute_budgets(fp8_matmul: bool) -> dict[str, float]:
+    return {kind: RECOMPUTE_MEMORY_BUDGETS[kind, fp8_matmul] for kind in ("double", "single")}
+
+
+def _call_recomputing(kind: str, budget: float, *args):
+    # a graph partitioned under one budget must not serve another: each budget compiles its own code object
+    use = "recomputed" if budget == 0 else f"recomputed_budget_{budget:g}".replace(".", "_")
+    with torch._functorch.config.patch(activation_memory_budget=budget):
+        return _compiled(kind, use)(*args)
 
 
 # Block swap needs the recomputation to pass through Python (to fetch the weights back), so it keeps
@@ -188,8 +210,10 @@ class BlockRunner:
     - ``swap``: a BlockSwap that streams off-GPU block weights in just before each block runs.
     """
 
-    def __init__(self, model: torch.nn.Module, checkpointing: bool, compiled: bool, swap: BlockSwap | None = None):
+    def __init__(self, model: torch.nn.Module, checkpointing: bool, compiled: bool, swap: BlockSwap | None = None,
+                 recompute_budgets: dict[str, float] | None = None):
         self.model = model
+        self.recompute_budgets = recompute_budgets or {"double": 0.0, "single": 0.0}
         self.checkpointing = checkpointing
         self.compiled = compiled
         self.swap = swap
@@ -219,14 +243,15 @@ class BlockRunner:
                     for i, b in enumerate(self.model.single_blocks)})
         return dit
 
-    @staticmethod
-    def _recomputed_by_compiler(kind: str, index: int, block):
+    def _recomputed_by_compiler(self, kind: str, index: int, block):
+        budget = self.recompute_budgets[kind]
+
         def replace(args, extra):
             rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
             if kind == "double":
-                img, txt = _call_recomputing("double", block, args["img"], args["txt"], *rest)
+                img, txt = _call_recomputing("double", budget, block, args["img"], args["txt"], *rest)
                 return {"img": img, "txt": txt}
-            return {"img": _call_recomputing("single", block, args["img"], *rest)}
+            return {"img": _call_recomputing("single", budget, block, args["img"], *rest)}
 
         return replace
 

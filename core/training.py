@@ -312,7 +312,8 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
             (fp8_base_matmuls(layers, compute_dtype) if config.fp8_matmul == "on" else contextlib.nullcontext()), \
             block_swap(transformer, config.blocks_to_swap, device) as swap, \
             compiler_settings(device.type):
-        runner = BlockRunner(transformer, config.gradient_checkpointing, config.compiled_on(device.type), swap)
+        runner = BlockRunner(transformer, config.gradient_checkpointing, config.compiled_on(device.type), swap,
+                             blocks.recompute_budgets(config.fp8_matmul == "on"))
         transformer_options["patches_replace"] = {"dit": runner.replacements()}
         if swap is not None and device.type == "cuda" and not blocks.CUDNN_ATTENTION_IN_SWAP:
             transformer_options.setdefault("optimized_attention_override", blocks.attention_without_cudnn)
