@@ -93,13 +93,11 @@ def main():
             pack.core.blocks.RECOMPUTE_MEMORY_BUDGETS.update({("double", fp8 == "on"): double, ("single", fp8 == "on"): single})
         budget = pack.core.blocks.recompute_budgets(fp8 == "on")
         torch.cuda.reset_peak_memory_stats()
-        state = {"steps": 0, "profiler": None, "events": []}
+        state = {"steps": 0, "profiler": None}
+        clock = train_step.StepClock()
 
         def after_step(optimizer, args, kwargs):
             state["steps"] += 1
-            if state["steps"] <= 2 + timed:
-                state["events"].append(torch.cuda.Event(enable_timing=True))
-                state["events"][-1].record()
             if state["steps"] == 2 + timed:
                 activities = [torch.profiler.ProfilerActivity.CUDA]
                 if a.cpu_ops:
@@ -116,8 +114,7 @@ def main():
                                 fp8_matmul=fp8)
         handle.remove()
         train_step.free_everything()
-        events = state["events"]
-        seconds = [x.elapsed_time(y) / 1000 for x, y in zip(events[1:], events[2:])]
+        seconds = clock.seconds(warmup=2)[:timed]  # steps 3 to 2 + timed, before the profiler starts
         rows = kernel_rows(state["profiler"], profiled_steps)
         summary = {"fp8_matmul": fp8, "pinned_inputs": pin, "budget": budget, "resolution": a.resolution,
                    "depth": a.depth, "seconds_per_step_median": round(statistics.median(seconds), 4),

@@ -44,7 +44,7 @@ class TrainConfig:
     caption_dropout: float = 0.0
     compile: str = "auto"
     blocks_to_swap: int = 0  # blocks whose weights stay in CPU memory and stream in (low-VRAM mode)
-    fp8_matmul: str = "off"  # on: the fp8 base multiplies on fp8 tensor cores (forward and input gradient)
+    fp8_matmul: str = "off"  # on: the fp8 base multiplies on fp8 tensor cores in the forward passes
 
     def compiled_on(self, device_type: str) -> bool:
         return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")

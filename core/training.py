@@ -155,9 +155,13 @@ def _stacked(tensors: list[torch.Tensor], pin: bool) -> torch.Tensor:
 PIN_HOST_INPUTS = True
 
 
+def _pinned_copies(device: torch.device) -> bool:
+    return device.type == "cuda" and PIN_HOST_INPUTS
+
+
 def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``t`` on ``device`` without a host sync: through page-locked memory to a GPU; the cast happens there."""
-    if device.type == "cuda" and PIN_HOST_INPUTS:
+    if _pinned_copies(device):
         t = (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
     else:
         t = t.to(device)
@@ -386,8 +390,7 @@ def _forward_backward(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step
         indices = plan.batch((step - 1) * config.gradient_accumulation + micro)
         first_indices = first_indices or indices
         generator = torch.Generator().manual_seed(mix_seed(config.seed, 2, step, micro))
-        latents, context, pooled = _micro_batch(dataset, indices, config, generator,
-                                                pin=device.type == "cuda" and PIN_HOST_INPUTS)
+        latents, context, pooled = _micro_batch(dataset, indices, config, generator, pin=_pinned_copies(device))
         x0 = base.process_latent_in(latents)
         noise = torch.randn(x0.shape, generator=generator)
         tokens = math.ceil(x0.shape[-2] / 2) * math.ceil(x0.shape[-1] / 2)
