@@ -1,14 +1,16 @@
 """Diagnostic, not a benchmark: where a training step's GPU time goes, by kernel, and how long the GPU sits idle,
 for ours on a full-width Flux (by default shallow: 4 double + 8 single blocks), fp8_matmul off and on:
 
-    python benchmarks/profile_step.py [--resolution 1024] [--depth 4 8] [--fp8 off on] [--pin on] [--rows 60]
+    python benchmarks/profile_step.py [--resolutions 1024] [--depth 4 8] [--fp8 off on] [--pin on] [--rows 60]
+                                      [--offload default] [--budgets DOUBLE:SINGLE ...] [--profiled-steps 2]
 
 Per setting: the median seconds per step over steps 3-12 (not profiled), then a profile of the next two. Prints one
 JSON line with kernel time per step by category (GEMMs, attention, Inductor's fused kernels, optimizer, copies,
 the rest), the GPU's idle time per step and its longest idle gaps, then the top kernels by self GPU time.
-``--pin off`` turns off page-locked input copies (core.training.PIN_HOST_INPUTS); ``--budget`` sets the compiler's
-activation memory budgets of the double and single blocks (core.blocks.RECOMPUTE_MEMORY_BUDGETS). Needs a CUDA GPU and ComfyUI
-importable (COMFYUI_PATH).
+``--pin off`` turns off page-locked input copies (core.training.PIN_HOST_INPUTS); ``--budgets`` sets the compiler's
+activation memory budgets of the double and single blocks (core.blocks.RECOMPUTE_MEMORY_BUDGETS); ``--offload``
+moves block inputs to host memory always, never, or by the trainer's rule. ``--profiled-steps 0`` only times.
+Needs a CUDA GPU and ComfyUI importable (COMFYUI_PATH).
 """
 import argparse
 import json
@@ -69,11 +71,15 @@ def idle_gaps(profiler, steps: int, top: int = 8) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--resolution", "--resolutions", type=int, nargs="+", default=[1024])
     parser.add_argument("--depth", type=int, nargs=2, default=[4, 8], metavar=("DOUBLE", "SINGLE"))
     parser.add_argument("--fp8", nargs="*", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--pin", nargs="*", default=["on"], choices=["off", "on"])
+    parser.add_argument("--offload", nargs="*", default=["default"], choices=["default", "off", "on"],
+                        help="block inputs in host memory between forward and backward (core.blocks."
+                             "OFFLOAD_INPUTS_FROM_TOKENS): always, never, or the trainer's rule")
     parser.add_argument("--timed-steps", type=int, default=10)
+    parser.add_argument("--profiled-steps", type=int, default=2, help="0: time and measure memory only")
     parser.add_argument("--budgets", nargs="*", default=["default"], metavar="DOUBLE:SINGLE",
                         help="activation memory budgets of the recomputed double and single blocks, e.g. 0.05:0.07 "
                              "(core.blocks.RECOMPUTE_MEMORY_BUDGETS); default: the trainer's")
@@ -82,44 +88,54 @@ def main():
     a = parser.parse_args()
     pack = train_step.import_comfyui_and_pack(cpu=False)
     patcher, _ = train_step.random_flux_dev(dict(train_step.FLUX_DEV, depth=a.depth[0], depth_single_blocks=a.depth[1]))
-    profiled_steps = 2
+    profiled_steps = a.profiled_steps
     timed = a.timed_steps
-    defaults = dict(pack.core.blocks.RECOMPUTE_MEMORY_BUDGETS)
-    for fp8, pin, budgets in [(f, p, b) for f in a.fp8 for p in a.pin for b in a.budgets]:
+    blocks = pack.core.blocks
+    defaults = dict(blocks.RECOMPUTE_MEMORY_BUDGETS), blocks.OFFLOAD_INPUTS_FROM_TOKENS
+    settings = [(r, f, p, o, b) for r in a.resolution for f in a.fp8 for p in a.pin for o in a.offload for b in a.budgets]
+    for resolution, fp8, pin, offload, budgets in settings:
         pack.core.training.PIN_HOST_INPUTS = pin == "on"
-        pack.core.blocks.RECOMPUTE_MEMORY_BUDGETS.update(defaults)
+        blocks.RECOMPUTE_MEMORY_BUDGETS.update(defaults[0])
+        blocks.OFFLOAD_INPUTS_FROM_TOKENS = {"default": defaults[1], "on": 0, "off": 2**62}[offload]
         if budgets != "default":
             double, single = (float(x) for x in budgets.split(":"))
-            pack.core.blocks.RECOMPUTE_MEMORY_BUDGETS.update({("double", fp8 == "on"): double, ("single", fp8 == "on"): single})
-        budget = pack.core.blocks.recompute_budgets(fp8 == "on")
+            for offloaded in (False, True):
+                blocks.RECOMPUTE_MEMORY_BUDGETS.update({("double", fp8 == "on", offloaded): double,
+                                                        ("single", fp8 == "on", offloaded): single})
+        budget = {f"{kind}{' offloaded' if off else ''}": v for (kind, off), v in blocks.recompute_budgets(fp8 == "on").items()}
         torch.cuda.reset_peak_memory_stats()
         state = {"steps": 0, "profiler": None}
         clock = train_step.StepClock()
 
         def after_step(optimizer, args, kwargs):
             state["steps"] += 1
-            if state["steps"] == 2 + timed:
+            if state["steps"] == 2 + timed and profiled_steps:
                 activities = [torch.profiler.ProfilerActivity.CUDA]
                 if a.cpu_ops:
                     activities.append(torch.profiler.ProfilerActivity.CPU)
                 state["profiler"] = torch.profiler.profile(activities=activities)
                 state["profiler"].start()
-            if state["steps"] == 2 + timed + profiled_steps:
+            if state["steps"] == 2 + timed + profiled_steps and profiled_steps:
                 torch.cuda.synchronize()
                 state["profiler"].stop()
 
         handle = register_optimizer_step_post_hook(after_step)
         with torch.inference_mode():
-            train_step.run_ours(pack, patcher, a.resolution, 2 + timed + profiled_steps + 1, 512, 16, compile="auto",
+            train_step.run_ours(pack, patcher, resolution, 2 + timed + profiled_steps + 1, 512, 16, compile="auto",
                                 fp8_matmul=fp8)
         handle.remove()
         train_step.free_everything()
         seconds = clock.seconds(warmup=2)[:timed]  # steps 3 to 2 + timed, before the profiler starts
+        summary = {"fp8_matmul": fp8, "pinned_inputs": pin, "offload": offload, "budget": budget,
+                   "resolution": resolution, "depth": a.depth,
+                   "seconds_per_step_median": round(statistics.median(seconds), 4),
+                   "seconds_per_step": [round(x, 4) for x in seconds],
+                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        if not profiled_steps:
+            print(json.dumps(summary), flush=True)
+            continue
         rows = kernel_rows(state["profiler"], profiled_steps)
-        summary = {"fp8_matmul": fp8, "pinned_inputs": pin, "budget": budget, "resolution": a.resolution,
-                   "depth": a.depth, "seconds_per_step_median": round(statistics.median(seconds), 4),
-                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                   "kernel_ms_per_step": round(sum(r["ms_per_step"] for r in rows), 3)}
+        summary["kernel_ms_per_step"] = round(sum(r["ms_per_step"] for r in rows), 3)
         for label in [c for c, _ in CATEGORIES] + ["other"]:
             chosen = [r for r in rows if r["category"] == label]
             summary[label] = {"ms": round(sum(r["ms_per_step"] for r in chosen), 3),

@@ -14,6 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .block_swap import BlockSwap
+from .input_offload import BlockInputOffload
 
 log = logging.getLogger("dev2pro-lora")
 
@@ -86,24 +87,38 @@ def _compiled(kind: str, use: str = "plain"):
     return torch.compile(function)
 
 
-# The compiler's activation memory budget of the recomputed blocks, by block kind and fp8_matmul: 0 recomputes the
-# whole block in backward from its input; more lets the partitioner keep what costs most to recompute per byte
-# (at 0.05, 700 fewer small matmuls a step: by their count, the LoRA down-projections and modulation vectors).
-# Left at 0 for now. On the H100 at
-# 1024x1024 (benchmarks/profile_step.py --budgets, results/2026-11-24_h100_recompute_budget.jsonl) it pays:
-# - bf16: 0 -> 0.545 s; 0.035 -> 0.532 s / 15.15 GiB; 0.05 -> 0.510 s but 16.3 GiB.
-# - fp8_matmul: 0 -> 0.508 s; 0.05 -> 0.471-0.474 s / 15.03 GiB; 0.07 -> 0.443 s but 16.2 GiB.
-# but in the one train_step.py run with bf16 0.035 and fp8 (double 0.07, single 0.05), 512x512 got slower and
-# larger: 0.227 s / 15.3 GiB against 0.202 s / 13.1 GiB with 0, fp8 0.248 s / 15.2 GiB against 0.219 s (results/
-# 2026-11-24_h100_recompute_budget_train_step_partial.txt), which is not understood yet. Benchmarks flip these.
+# The compiler's activation memory budget of the recomputed blocks, by block kind, fp8_matmul and whether the block
+# inputs wait in host memory (OFFLOAD_INPUTS_FROM_TOKENS): 0 recomputes the whole block in backward from its input;
+# more lets the partitioner keep what costs most to recompute per byte (at 0.05, 700 fewer small matmuls a step: by
+# their count, the LoRA down-projections and modulation vectors). Measured on the H100 at 1024x1024
+# (benchmarks/profile_step.py --budgets --offload, results/2026-11-24_h100_recompute_budget.jsonl and
+# ..._offload_inputs_budgets.jsonl), s/step and peak:
+# - inputs on the GPU, bf16: 0 -> 0.545 s / 14.8 GiB; 0.035 -> 0.532 / 15.15; 0.05 -> 0.510 / 16.3 (over 16).
+# - inputs on the GPU, fp8_matmul: 0 -> 0.508 / 14.6; 0.05 -> 0.471-0.474 / 15.03; 0.07 -> 0.443 / 16.2 (over 16).
+# - inputs offloaded, bf16: 0.05 -> 0.514 / 14.87; 0.1 -> 0.508 / 15.43.
+# - inputs offloaded, fp8_matmul: 0 -> 0.500 / 13.71; 0.07 -> 0.454-0.462 / 14.73 (two runs).
+# Without offloading the budgets stay 0: in the one train_step.py run with budgets there, 512x512 got slower and
+# larger (0.227 s / 15.3 GiB against 0.202 s / 13.1 GiB; results/2026-11-24_h100_recompute_budget_train_step_partial.txt).
+# Benchmarks flip these.
 RECOMPUTE_MEMORY_BUDGETS = {
-    ("double", False): 0.0, ("single", False): 0.0,
-    ("double", True): 0.0, ("single", True): 0.0,
-}
+    ("double", False, False): 0.0, ("single", False, False): 0.0,
+    ("double", True, False): 0.0, ("single", True, False): 0.0,
+    ("double", False, True): 0.05, ("single", False, True): 0.05,
+    ("double", True, True): 0.07, ("single", True, True): 0.07,
+}  # (kind, fp8_matmul, inputs offloaded)
 
 
-def recompute_budgets(fp8_matmul: bool) -> dict[str, float]:
-    return {kind: RECOMPUTE_MEMORY_BUDGETS[kind, fp8_matmul] for kind in ("double", "single")}
+def recompute_budgets(fp8_matmul: bool) -> dict[tuple[str, bool], float]:
+    """{(block kind, inputs offloaded): budget} for a session."""
+    return {(kind, offloaded): budget for (kind, fp8, offloaded), budget in RECOMPUTE_MEMORY_BUDGETS.items()
+            if fp8 == fp8_matmul}
+
+
+# From how many tokens a forward's block inputs (batch x (image + text) tokens) wait in host memory between forward
+# and backward (core.input_offload) on a GPU, which frees 0.9 GiB at 1024x1024 (fp8_matmul, budget 0: 14.6 -> 13.71
+# GiB at 0.508 -> 0.500 s) for the budgets above. Between 512x512 (1,536 tokens: launch-bound, nothing to gain from
+# memory) and 1024x1024 (4,608); sizes in between are not measured. Benchmarks flip this.
+OFFLOAD_INPUTS_FROM_TOKENS = 3072
 
 
 def _call_recomputing(kind: str, budget: float, *args):
@@ -211,9 +226,10 @@ class BlockRunner:
     """
 
     def __init__(self, model: torch.nn.Module, checkpointing: bool, compiled: bool, swap: BlockSwap | None = None,
-                 recompute_budgets: dict[str, float] | None = None):
+                 budgets: dict[tuple[str, bool], float] | None = None):
         self.model = model
-        self.recompute_budgets = recompute_budgets or {"double": 0.0, "single": 0.0}
+        self.recompute_budgets = budgets if budgets is not None else recompute_budgets(fp8_matmul=False)
+        self.offload: BlockInputOffload | None = None  # made on the first block that offloads
         self.checkpointing = checkpointing
         self.compiled = compiled
         self.swap = swap
@@ -243,15 +259,24 @@ class BlockRunner:
                     for i, b in enumerate(self.model.single_blocks)})
         return dit
 
-    def _recomputed_by_compiler(self, kind: str, index: int, block):
-        budget = self.recompute_budgets[kind]
+    def offloads(self, streams: tuple[torch.Tensor, ...]) -> bool:
+        """Whether this forward's block inputs wait in host memory; the same answer for every block of it."""
+        tokens = sum(t.shape[0] * t.shape[1] for t in streams)
+        return streams[0].is_cuda and tokens >= OFFLOAD_INPUTS_FROM_TOKENS
 
+    def _recomputed_by_compiler(self, kind: str, index: int, block):
         def replace(args, extra):
             rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
-            if kind == "double":
-                img, txt = _call_recomputing("double", budget, block, args["img"], args["txt"], *rest)
-                return {"img": img, "txt": txt}
-            return {"img": _call_recomputing("single", budget, block, args["img"], *rest)}
+            streams = (args["img"], args["txt"]) if kind == "double" else (args["img"],)
+            offloaded = self.offloads(streams)
+            out = _call_recomputing(kind, self.recompute_budgets[kind, offloaded], block, *streams, *rest)
+            out = out if kind == "double" else (out,)
+            if offloaded:
+                if self.offload is None:
+                    blocks = len(self.model.double_blocks) + len(self.model.single_blocks)
+                    self.offload = BlockInputOffload(streams[0].device, blocks)
+                self.offload.park(index, streams, out)
+            return {"img": out[0], "txt": out[1]} if kind == "double" else {"img": out[0]}
 
         return replace
 

@@ -309,6 +309,7 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
         compute_dtype = torch.bfloat16
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda" and compute_dtype != torch.float32)
     transformer_options = dict(model_patcher.model_options.get("transformer_options", {}))
+    compiled = config.compiled_on(device.type)
 
     with torch.inference_mode(False), frozen_base(transformer), \
             lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter,
@@ -316,7 +317,7 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
             (fp8_base_matmuls(layers, compute_dtype) if config.fp8_matmul == "on" else contextlib.nullcontext()), \
             block_swap(transformer, config.blocks_to_swap, device) as swap, \
             compiler_settings(device.type):
-        runner = BlockRunner(transformer, config.gradient_checkpointing, config.compiled_on(device.type), swap,
+        runner = BlockRunner(transformer, config.gradient_checkpointing, compiled, swap,
                              blocks.recompute_budgets(config.fp8_matmul == "on"))
         transformer_options["patches_replace"] = {"dit": runner.replacements()}
         if swap is not None and device.type == "cuda" and not blocks.CUDNN_ATTENTION_IN_SWAP:

@@ -76,6 +76,35 @@ def test_compiled_blocks_train_like_eager(core, model_file):
     assert_compiled_trains_like_eager(core, model_file, steps=3)
 
 
+def test_block_inputs_offloaded_between_forward_and_backward_train_like_eager(core, model_file, monkeypatch):
+    """Block inputs leave device memory after their block's forward and are back, fetched one block ahead, when
+    their block's backward recomputes it; training is unchanged."""
+    offload = core.input_offload.BlockInputOffload
+    monkeypatch.setattr(core.blocks.BlockRunner, "offloads", lambda self, streams: True)  # a GPU-sized step
+    monkeypatch.setattr(offload, "KEEP_LAST", 0)  # the tiny model has two blocks: park both
+    parked, ahead = [], []
+
+    def park(self, index, inputs, outputs, original=offload.park):
+        original(self, index, inputs, outputs)
+        if index in self.parked:
+            parked.append(index)
+            assert all(t.untyped_storage().nbytes() == 0 for t in inputs), "inputs still hold their memory"
+
+    def before_backward(self, index, original=offload._before_backward):
+        original(self, index)
+        assert index not in self.parked
+        earlier = [i for i in self.parked if i < index]
+        ahead.append(not earlier or self.parked[max(earlier)].back is not None)
+
+    monkeypatch.setattr(offload, "park", park)
+    monkeypatch.setattr(offload, "_before_backward", before_backward)
+    assert_compiled_trains_like_eager(core, model_file, steps=3)
+    patcher = load(core, model_file)
+    blocks = len(patcher.model.diffusion_model.double_blocks) + len(patcher.model.diffusion_model.single_blocks)
+    assert blocks == 2 and parked == [0, 1] * 3
+    assert len(ahead) == blocks * 3 and all(ahead)
+
+
 def test_loss_of_every_step_is_reported_in_order_though_read_a_step_late(core, model_file):
     seen = []
     result = train(core, load(core, model_file), latent_dataset(core, images=2), seen.append, steps=5)
