@@ -42,14 +42,12 @@ class BlockInputOffload:
         self.offloaded_below = blocks - self.KEEP_LAST
         self.hosts: dict[int, list[torch.Tensor]] = {}  # page-locked buffers per block, reused across steps
         self.parked: dict[int, _Parked] = {}
-        self.moved_bytes = 0  # of the current forward
 
     def park(self, index: int, inputs: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, ...]) -> None:
         """Block ``index`` has been queued on ``inputs`` and produced ``outputs``: move its inputs out until its
         backward begins."""
         if index == 0:  # a new forward: whatever an abandoned one left is garbage
             self.parked.clear()
-            self.moved_bytes = 0
         grad_fn = next((o.grad_fn for o in outputs if o.grad_fn is not None), None)
         if grad_fn is None:
             return
@@ -80,7 +78,6 @@ class BlockInputOffload:
             for (_, s), host in zip(storages, hosts):
                 host.copy_(_bytes_view(s))
         for _, s in storages:
-            self.moved_bytes += s.nbytes()
             s.resize_(0)
         self.parked[index] = _Parked([t for t, _ in storages], hosts)
 
