@@ -17,6 +17,8 @@ On the CPU (tests) the same steps run synchronously, without streams.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -42,6 +44,9 @@ class BlockInputOffload:
         self.offloaded_below = blocks - self.KEEP_LAST
         self.hosts: dict[int, list[torch.Tensor]] = {}  # page-locked buffers per block, reused across steps
         self.parked: dict[int, _Parked] = {}
+
+    def _side_stream(self):
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
 
     def park(self, index: int, inputs: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, ...]) -> None:
         """Block ``index`` has been queued on ``inputs`` and produced ``outputs``: move its inputs out until its
@@ -70,13 +75,11 @@ class BlockInputOffload:
             self.hosts[index] = hosts
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                for (t, s), host in zip(storages, hosts):
-                    host.copy_(_bytes_view(s), non_blocking=True)
+        with self._side_stream():
+            for (t, s), host in zip(storages, hosts):
+                host.copy_(_bytes_view(s), non_blocking=self.cuda)
+                if self.cuda:
                     t.record_stream(self.stream)
-        else:
-            for (_, s), host in zip(storages, hosts):
-                host.copy_(_bytes_view(s))
         for _, s in storages:
             s.resize_(0)
         self.parked[index] = _Parked([t for t, _ in storages], hosts)
@@ -85,20 +88,14 @@ class BlockInputOffload:
         parked = self.parked[index]
         if parked.back is not None:
             return
-        if self.cuda:
-            with torch.cuda.stream(self.stream):  # allocated in the side stream's pool, freed there after use
-                for t, host in zip(parked.tensors, parked.hosts):
-                    s = t.untyped_storage()
-                    s.resize_(host.numel())
-                    _bytes_view(s).copy_(host, non_blocking=True)
-                parked.back = torch.cuda.Event()
-                parked.back.record(self.stream)
-        else:
+        with self._side_stream():  # on a GPU allocated in the side stream's pool, and freed there after use
             for t, host in zip(parked.tensors, parked.hosts):
                 s = t.untyped_storage()
                 s.resize_(host.numel())
-                _bytes_view(s).copy_(host)
-            parked.back = True
+                _bytes_view(s).copy_(host, non_blocking=self.cuda)
+            parked.back = torch.cuda.Event() if self.cuda else True
+            if self.cuda:
+                parked.back.record(self.stream)
 
     def _before_backward(self, index: int) -> None:
         if index in self.parked:
