@@ -12,13 +12,16 @@ and caption. Prints one JSON line per configuration:
 - ``speedup_vs_comfyui``: ComfyUI's median over ours at the same resolution.
 - ``graph_breaks``: dynamo graph breaks during the node's run (0: each block kind compiled whole).
 - loss comparisons (same seed, data and noise): ours against eager (``--eager-too``), fp8_matmul against bf16
-  (``--fp8-too``), low-VRAM against fast mode.
+  (``--fp8-too``), without CUDA graphs of the step against with them (``--no-graphs-too``), low-VRAM against fast
+  mode.
+- ``step_graphs_captured`` / ``step_graphs_failed``: sessions whose step was captured as CUDA graphs, or whose capture
+  failed and ran eagerly (core.step_graphs).
 - low-VRAM rows emulate a card with ``--card-gib`` of free memory: the rest is taken by a placeholder tensor
   before the model is loaded, so ComfyUI loads only what fits and the trainer streams the rest; the placeholder
   is subtracted from the peak.
 
     python benchmarks/train_step.py [--resolutions 512 1024] [--steps 10] [--warmup 3] [--low-vram 1024]
-                                    [--fp8-too] [--eager-too] [--python-wrapper-too] [--depth 19 38]
+                                    [--fp8-too] [--no-graphs-too] [--eager-too] [--python-wrapper-too] [--depth 19 38]
 
 Needs a CUDA GPU and ComfyUI importable (COMFYUI_PATH, or ~/comfy/ComfyUI).
 """
@@ -194,6 +197,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--eager-too", action="store_true", help="also run ours without torch.compile")
     parser.add_argument("--fp8-too", action="store_true", help="also run ours with fp8_matmul on")
+    parser.add_argument("--no-graphs-too", action="store_true",
+                        help="also run ours without CUDA graphs of the step (core.step_graphs), for each matmul setting")
     parser.add_argument("--low-vram-fp8", action="store_true", help="low-VRAM rows with fp8_matmul on")
     parser.add_argument("--python-wrapper-too", action="store_true",
                         help="also run ours with Inductor's Python kernel launcher instead of its C++ wrapper")
@@ -229,6 +234,10 @@ def main() -> None:
               row["peak_gib"], "GiB", file=sys.stderr, flush=True)
 
     rows = []
+    captured = []  # per capture of the step's CUDA graphs in the current row: whether it succeeded
+    graphed = pack.core.step_graphs.GraphedSteps
+    capture = graphed._capture
+    graphed._capture = lambda self, inputs: captured.append(capture(self, inputs)) or captured[-1]
     fp8_low_vram = "on" if a.low_vram_fp8 else "off"
     # Low-VRAM rows first, as in the README's numbers. (They crashed after an eager session at the same size while
     # swap sessions used cuDNN attention; see the README.)
@@ -251,6 +260,8 @@ def main() -> None:
         variants = [("Dev2ProTrainLoRA", {"compile": "auto"})]
         if a.fp8_too:
             variants.append(("Dev2ProTrainLoRA fp8", {"compile": "auto", "fp8_matmul": "on"}))
+        if a.no_graphs_too:
+            variants += [(f"{name} no step graphs", dict(settings)) for name, settings in variants]
         if a.eager_too:
             variants.append(("Dev2ProTrainLoRA eager", {"compile": "off"}))
         if a.python_wrapper_too:
@@ -262,12 +273,16 @@ def main() -> None:
         for name, settings in variants:
             pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = "outside" not in name
             pack.core.blocks.CPP_WRAPPER_ON_GPU = "python wrapper" not in name
+            pack.core.step_graphs.STEP_GRAPHS_ON_GPU = "no step graphs" not in name
+            captured.clear()
             row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, **settings), a.warmup)
-            rows.append({"trainer": name, "resolution": resolution, "mode": "fast", **settings, **row})
+            rows.append({"trainer": name, "resolution": resolution, "mode": "fast", **settings, **row,
+                         "step_graphs_captured": captured.count(True), "step_graphs_failed": captured.count(False)})
             progress(rows[-1])
             free_everything()
         pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = True
         pack.core.blocks.CPP_WRAPPER_ON_GPU = True
+        pack.core.step_graphs.STEP_GRAPHS_ON_GPU = True
         if not a.skip_comfyui:
             row = timed(lambda: run_comfyui(patcher, resolution, steps, a.tokens, a.rank), a.warmup)
             rows.append({"trainer": "ComfyUI TrainLoraNode", "resolution": resolution, "mode": "fast", **row})
@@ -297,6 +312,8 @@ def main() -> None:
             references.append(("eager", eager))
         if r["trainer"] == "Dev2ProTrainLoRA fp8":
             references.append(("bf16", fast))
+        if r["trainer"].endswith(" no step graphs"):
+            references.append(("step_graphs", find(r["resolution"], r["trainer"].removesuffix(" no step graphs"))))
         for name, reference in references:
             if reference is None or reference is r:
                 continue

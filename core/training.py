@@ -21,7 +21,7 @@ import comfy.model_base
 import comfy.model_management
 
 from .block_swap import block_swap
-from . import blocks
+from . import blocks, step_graphs
 from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
@@ -198,7 +198,8 @@ class _Run:
 
     def result(self, stopped_early: bool = False) -> TrainResult:
         """The adapter so far and the state to continue from; one CPU copy of the adapter serves both."""
-        state = TrainingState(self.config, self.step, self.weights(), _to_cpu(self.optimizer.state_dict()),
+        optimizer_state = step_graphs.plain_param_groups(_to_cpu(self.optimizer.state_dict()), self.optimizer)
+        state = TrainingState(self.config, self.step, self.weights(), optimizer_state,
                               list(self.losses))
         return TrainResult(state.adapter, list(self.losses), state, stopped_early)
 
@@ -307,7 +308,10 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
     compute_dtype = base.manual_cast_dtype or base.get_dtype()
     if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         compute_dtype = torch.bfloat16
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda" and compute_dtype != torch.float32)
+    # without autocast's cast cache, which a CUDA graph cannot hold (nothing here reuses a cast: the adapter's casts
+    # are inside the compiled blocks)
+    autocast = torch.autocast(device.type, dtype=compute_dtype, cache_enabled=False,
+                              enabled=device.type == "cuda" and compute_dtype != torch.float32)
     transformer_options = dict(model_patcher.model_options.get("transformer_options", {}))
     compiled = config.compiled_on(device.type)
 
@@ -326,6 +330,17 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
             run.attach(layers, device)
         params = flat_parameters(run.adapter)
         deferred = _deferred_check(run.optimizer)
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+
+        def gradients(inputs) -> torch.Tensor:
+            loss = _forward_backward(transformer, transformer_options, autocast, config, inputs, device)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return torch.stack([loss, grad_norm.to(loss)])
+
+        if _graphed(device, runner, deferred):
+            steps = step_graphs.GraphedSteps(run.optimizer, gradients, deferred, device)
+        else:
+            steps = step_graphs.EagerSteps(run.optimizer, gradients, deferred)
         pending: _Launched | None = None
         clock = [time.perf_counter()]
 
@@ -348,45 +363,50 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
             return should_stop is not None and bool(should_stop())
 
         step = run.step
-        while step < until:
-            step += 1
-            lr = config.learning_rate * lr_multiplier(config, step)
-            stats, first_indices = _forward_backward(run, dataset, plan, step, base, transformer, transformer_options,
-                                                     autocast, device, compute_dtype)
-            max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            stats = torch.stack([stats, grad_norm.to(stats)])
-            if deferred:
-                if pending is not None and commit(pending):
-                    run.optimizer.zero_grad(set_to_none=True)  # this step's gradients: stopping keeps step k
+        try:
+            while step < until:
+                step += 1
+                lr = config.learning_rate * lr_multiplier(config, step)
+                inputs, first_indices = _step_inputs(run, dataset, plan, step, base, device, compute_dtype)
+                stats = steps.gradients(inputs)
+                if deferred:
+                    if pending is not None and commit(pending):
+                        run.optimizer.zero_grad(set_to_none=True)  # this step's gradients: stopping keeps step k
+                        return True
+                else:
+                    launched = _Launched(step, lr, first_indices, stats.cpu(), None)
+                    if not launched.stats.isfinite().all():
+                        commit(launched)  # raises before the update
+                steps.update(lr, stats)
+                if deferred:
+                    done = torch.cuda.Event() if device.type == "cuda" else None
+                    pending = _Launched(step, lr, first_indices, stats.to("cpu", non_blocking=device.type == "cuda"),
+                                        done)
+                    if done is not None:
+                        done.record()
+                elif commit(launched):
                     return True
-                run.optimizer.found_inf = (~torch.isfinite(stats).all()).float()
-            else:
-                launched = _Launched(step, lr, first_indices, stats.cpu(), None)
-                if not launched.stats.isfinite().all():
-                    commit(launched)  # raises before the update
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            if deferred:
-                done = torch.cuda.Event() if device.type == "cuda" else None
-                pending = _Launched(step, lr, first_indices, stats.to("cpu", non_blocking=device.type == "cuda"), done)
-                if done is not None:
-                    done.record()
-            elif commit(launched):
-                return True
-        if pending is not None:
-            return commit(pending)
+            if pending is not None:
+                return commit(pending)
+        finally:
+            steps.close()
     return False
 
 
-def _forward_backward(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step: int, base, transformer,
-                      transformer_options: dict, autocast, device, compute_dtype) -> tuple[torch.Tensor, list[int]]:
-    """Queue the forward and backward passes of one optimizer step; returns its loss (on the device, not read)."""
+def _graphed(device: torch.device, runner: BlockRunner, deferred: bool) -> bool:
+    """Whether a session replays its steps from CUDA graphs (core.step_graphs): on a GPU, with the compiler
+    recomputing the blocks (no block swap, whose weights move in Python) and fused AdamW (which skips a NaN step on
+    the device)."""
+    return step_graphs.STEP_GRAPHS_ON_GPU and device.type == "cuda" and runner.recomputed_by_compiler and deferred
+
+
+def _step_inputs(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step: int, base, device,
+                 compute_dtype) -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
+    """Per micro-batch of step ``step``, what its forward reads, on the device: (x_t, t, context, pooled, guidance,
+    velocity target); and the dataset indices of its first micro-batch. Drawn on the CPU from the step's own
+    generators."""
     config = run.config
-    loss_sum = torch.zeros((), device=device)
-    first_indices = None
+    inputs, first_indices = [], None
     for micro in range(config.gradient_accumulation):
         indices = plan.batch((step - 1) * config.gradient_accumulation + micro)
         first_indices = first_indices or indices
@@ -398,16 +418,21 @@ def _forward_backward(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step
         t = sample_timesteps(config, x0.shape[0], tokens, generator).view(-1, 1, 1, 1)
         xt = (1 - t) * x0 + t * noise
         guidance = torch.full((x0.shape[0],), config.guidance)
+        inputs.append((_to_device(xt, device, compute_dtype), _to_device(t.flatten(), device),
+                       _to_device(context, device, compute_dtype), _to_device(pooled, device, compute_dtype),
+                       _to_device(guidance, device, compute_dtype), _to_device(noise - x0, device)))
+    return inputs, first_indices
+
+
+def _forward_backward(transformer, transformer_options: dict, autocast, config: TrainConfig, inputs,
+                      device) -> torch.Tensor:
+    """Queue the forward and backward passes of one optimizer step; returns its loss (on the device, not read)."""
+    loss_sum = torch.zeros((), device=device)
+    for xt, t, context, pooled, guidance, target in inputs:
         with autocast:
-            velocity = transformer(
-                _to_device(xt, device, compute_dtype),
-                _to_device(t.flatten(), device),
-                _to_device(context, device, compute_dtype),
-                y=_to_device(pooled, device, compute_dtype),
-                guidance=_to_device(guidance, device, compute_dtype),
-                transformer_options=transformer_options,
-            )
-        loss = velocity_loss(velocity.float(), _to_device(noise - x0, device), config) / config.gradient_accumulation
+            velocity = transformer(xt, t, context, y=pooled, guidance=guidance,
+                                   transformer_options=transformer_options)
+        loss = velocity_loss(velocity.float(), target, config) / config.gradient_accumulation
         loss.backward()
         loss_sum += loss.detach()
-    return loss_sum, first_indices
+    return loss_sum
