@@ -14,6 +14,7 @@ and caption. Prints one JSON line per configuration:
 - loss comparisons (same seed, data and noise): ours against eager (``--eager-too``), fp8_matmul against bf16
   (``--fp8-too``), without CUDA graphs of the step against with them (``--no-graphs-too``), low-VRAM against fast
   mode.
+- ``allocated_after_unload_gib``: GPU memory still allocated once the node returned and the model was unloaded.
 - ``step_graphs_captured`` / ``step_graphs_failed``: sessions whose step was captured as CUDA graphs, or whose capture
   failed and ran eagerly (core.step_graphs).
 - low-VRAM rows emulate a card with ``--card-gib`` of free memory: the rest is taken by a placeholder tensor
@@ -280,6 +281,8 @@ def main() -> None:
                          "step_graphs_captured": captured.count(True), "step_graphs_failed": captured.count(False)})
             progress(rows[-1])
             free_everything()
+            # with the model unloaded: what the session left on the GPU (the step graphs' memory must be gone)
+            rows[-1]["allocated_after_unload_gib"] = round(torch.cuda.memory_allocated() / GIB, 3) if CUDA else 0.0
         pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = True
         pack.core.blocks.CPP_WRAPPER_ON_GPU = True
         pack.core.step_graphs.STEP_GRAPHS_ON_GPU = True
