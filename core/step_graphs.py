@@ -110,11 +110,12 @@ class GraphedSteps(EagerSteps):
         self.learning_rate.fill_(learning_rate)
         # the optimizer's own step hooks (torch.optim.Optimizer.register_step_*_hook and the global ones) run around
         # each replayed update as they would around optimizer.step(): timing and logging tools rely on them
+        # (in torch's order: global pre-hooks first, global post-hooks last)
         hooks = self.optimizer._optimizer_step_pre_hooks, self.optimizer._optimizer_step_post_hooks
         for hook in (*_global_optimizer_pre_hooks.values(), *hooks[0].values()):
             hook(self.optimizer, (), {})
         self._graphs[1].replay()
-        for hook in (*_global_optimizer_post_hooks.values(), *hooks[1].values()):
+        for hook in (*hooks[1].values(), *_global_optimizer_post_hooks.values()):
             hook(self.optimizer, (), {})
 
     def _capture(self, inputs: StepInputs) -> bool:
@@ -135,7 +136,7 @@ class GraphedSteps(EagerSteps):
                     self._step(self.stats, lambda: _unhooked_step(self.optimizer))
         except Exception as e:  # noqa: BLE001  whatever the graph cannot hold, the session goes on eagerly
             log.warning("CUDA graphs of the training step could not be captured (%s: %s); this session runs without "
-                        "them (slower at small image sizes, same results)", type(e).__name__, e)
+                        "them (slower steps, same results)", type(e).__name__, e)
             self.failed = True
             self.close()
             return False
