@@ -298,7 +298,8 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
 
     No host sync inside a step: the loss and gradient norm of step k are read during step k+1, after its forward
     and backward are queued. A step's callback therefore comes one step late, and ``should_stop`` answered
-    after step k discards step k+1's gradients, so the run ends exactly at step k.
+    after step k discards step k+1's gradients, so the run ends exactly at step k. That is also what lets a GPU
+    session replay its steps from CUDA graphs once the first two have run (core.step_graphs).
     """
     config = run.config
     comfy.model_management.load_models_gpu([model_patcher], memory_required=activation_bytes(config, dataset))
