@@ -46,10 +46,7 @@ def main():
     small = torch.randn(1, 16, a.resolution // 16, a.resolution // 16, generator=torch.Generator().manual_seed(1))
     two_sizes = core.dataset.TrainingDataset(one_size.samples + core.dataset.TrainingDataset.from_batches(
         small, [(context[0], pooled[0])]).samples)
-    captures = []
-    graphed = core.step_graphs.GraphedSteps
-    capture = graphed._capture
-    graphed._capture = lambda self, inputs: captures.append(capture(self, inputs)) or captures[-1]
+    captures = train_step.record_captures(core.step_graphs)
 
     def train(dataset, graphs: bool, **kwargs):
         core.step_graphs.STEP_GRAPHS_ON_GPU = graphs

@@ -121,6 +121,19 @@ class StepClock:
         return times[warmup - 1:] if warmup > 0 else times
 
 
+def record_captures(step_graphs) -> list[bool]:
+    """From now on, whether each capture of a step's CUDA graphs (core.step_graphs) succeeded, in order."""
+    outcomes = []
+    capture = step_graphs.GraphedSteps._capture
+
+    def recorded(self, inputs):
+        outcomes.append(capture(self, inputs))
+        return outcomes[-1]
+
+    step_graphs.GraphedSteps._capture = recorded
+    return outcomes
+
+
 def free_everything():
     import comfy.model_management
 
@@ -235,10 +248,7 @@ def main() -> None:
               row["peak_gib"], "GiB", file=sys.stderr, flush=True)
 
     rows = []
-    captured = []  # per capture of the step's CUDA graphs in the current row: whether it succeeded
-    graphed = pack.core.step_graphs.GraphedSteps
-    capture = graphed._capture
-    graphed._capture = lambda self, inputs: captured.append(capture(self, inputs)) or captured[-1]
+    captured = record_captures(pack.core.step_graphs)  # cleared per row
     fp8_low_vram = "on" if a.low_vram_fp8 else "off"
     # Low-VRAM rows first, as in the README's numbers. (They crashed after an eager session at the same size while
     # swap sessions used cuDNN attention; see the README.)
