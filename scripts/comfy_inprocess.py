@@ -7,11 +7,29 @@ import sys
 
 
 def comfyui_path() -> str:
-    path = os.path.expanduser(os.environ.get("COMFYUI_PATH", "~/comfy/ComfyUI"))
-    if not os.path.isfile(os.path.join(path, "main.py")):
-        raise SystemExit(f"ComfyUI not found at {path}: set COMFYUI_PATH to a ComfyUI 0.3.64 checkout "
-                         "(git clone --branch v0.3.64 https://github.com/comfyanonymous/ComfyUI).")
-    return path
+    """The ComfyUI to run: $COMFYUI_PATH, else the one this pack is installed in (<ComfyUI>/custom_nodes/<pack>)."""
+    pack = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("COMFYUI_PATH")
+    if not path and os.path.basename(os.path.dirname(pack)) == "custom_nodes":
+        path = os.path.dirname(os.path.dirname(pack))
+    if not path or not os.path.isfile(os.path.join(os.path.expanduser(path), "main.py")):
+        raise SystemExit(f"ComfyUI not found (COMFYUI_PATH={path or 'unset'}, pack at {pack}): install the pack into "
+                         "<ComfyUI>/custom_nodes/, or set COMFYUI_PATH to a ComfyUI checkout (0.3.64 or 0.33).")
+    return os.path.expanduser(path)
+
+
+def prompt_executor(server, cache_type=None):
+    """ComfyUI's PromptExecutor with a classic cache; 0.33 added ``cache_args`` (its RAM-pressure cache reads
+    ``cache_args["ram"]`` on every run)."""
+    import inspect
+
+    import execution
+
+    cache_type = cache_type or execution.CacheType.CLASSIC
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        return execution.PromptExecutor(server, cache_type=cache_type,
+                                        cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+    return execution.PromptExecutor(server, cache_type=cache_type)
 
 
 def import_comfyui():
