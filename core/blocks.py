@@ -14,6 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .block_swap import BlockSwap
+from .comfy_compat import block_options
 from .input_offload import BlockInputOffload
 
 log = logging.getLogger("dev2pro-lora")
@@ -30,21 +31,12 @@ def _single_block(block, img, vec, pe, attn_mask, transformer_options):
 BLOCK_FUNCTIONS = {"double": (_double_block, 2), "single": (_single_block, 1)}  # function, number of input streams
 
 
-def _on_copies(kind: str):
-    """The block function on copies of its input streams. Flux's blocks add into their inputs in place
-    (``txt += ...``, ``x += ...``) after normalising them; the copies keep the caller's tensors, which
-    checkpointing recomputes from, intact."""
-    function, streams = BLOCK_FUNCTIONS[kind]
-
-    def on_copies(block, *args):
-        return function(block, *(t.clone() for t in args[:streams]), *args[streams:])
-
-    return on_copies
-
-
 class _OutOfPlaceAdds(torch.overrides.TorchFunctionMode):
-    """Turns ``a += b`` on tensors into ``a = a + b``: the blocks' in-place adds would otherwise overwrite
-    tensors saved for backward, which autograd (and so AOTAutograd's tracing) refuses."""
+    """Turns ``a += b`` on tensors into ``a = a + b``. Flux's blocks add into their input streams in place after
+    normalising them (0.3.64: ``txt +=``, ``x +=``; 0.33 also ``img +=``), which overwrites tensors saved for
+    backward: autograd refuses that, AOTAutograd's tracing too, and torch.utils.checkpoint's recomputation silently
+    computes wrong gradients with it (ComfyUI 0.33's ``img +=``: 11 % off in the double block's img_mod and qkv,
+    measured against plain autograd). Out of place, every path computes what plain autograd does."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.Tensor.add_:  # what `a += b` dispatches to
@@ -242,7 +234,7 @@ class BlockRunner:
             if self.compiled:
                 return _compiled(kind, "swapped" if self.swap is not None else "plain")(block, *tensors, *args)
             if self.checkpointing:
-                return _on_copies(kind)(block, *tensors, *args)
+                return (_double_out_of_place if kind == "double" else _single_out_of_place)(block, *tensors, *args)
             return _eager_saving_copies(kind, block, tensors + args)
 
         return call
@@ -272,7 +264,7 @@ class BlockRunner:
 
     def _recomputed_by_compiler(self, kind: str, index: int, block):
         def replace(args, extra):
-            rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
+            rest = (args["vec"], args["pe"], args.get("attn_mask"), block_options(args.get("transformer_options")))
             streams = (args["img"], args["txt"]) if kind == "double" else (args["img"],)
             offloaded = self.offloads(streams)
             out = _call_recomputing(kind, self.recompute_budgets[kind, offloaded], block, *streams, *rest)
@@ -289,7 +281,7 @@ class BlockRunner:
     def _through_python(self, kind: str, index: int, block):
         """Eager, or compiled with torch.utils.checkpoint around it (block swap fetches weights in ``_run``)."""
         def replace(args, extra):
-            rest = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options"))
+            rest = (args["vec"], args["pe"], args.get("attn_mask"), block_options(args.get("transformer_options")))
             call = self._run(kind, index, block, rest)
             streams = (args["img"], args["txt"]) if kind == "double" else (args["img"],)
             out = checkpoint(call, *streams, use_reentrant=False) if self.checkpointing else call(*streams)

@@ -116,8 +116,21 @@ def to_bfl_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+# BFL files name the attention norms' weights ``.scale``; ComfyUI 0.33 builds them as torch RMSNorms (``.weight``),
+# and its diffusers conversion writes ``.weight``. Either is a Flux norm.
+NORM_SUFFIXES = (".scale", ".weight")
+
+
+def _has_norm(sd: dict, stem: str) -> bool:
+    return any(stem + suffix in sd for suffix in NORM_SUFFIXES)
+
+
+def _norm(sd: dict, stem: str) -> torch.Tensor:
+    return next(sd[stem + suffix] for suffix in NORM_SUFFIXES if stem + suffix in sd)
+
+
 def check_trainable_flux(sd: dict[str, torch.Tensor], name: str) -> None:
-    if "double_blocks.0.img_attn.norm.key_norm.scale" not in sd or "img_in.weight" not in sd:
+    if not _has_norm(sd, "double_blocks.0.img_attn.norm.key_norm") or "img_in.weight" not in sd:
         hint = _what_else(sd)
         raise FluxFileError(
             f"'{name}' is not a Flux.1 transformer ({hint}). Pick the Flux-dev2pro model file "
@@ -151,7 +164,7 @@ def _what_else(sd: dict[str, torch.Tensor]) -> str:
 def flux_config_from_shapes(sd: dict[str, torch.Tensor]) -> dict:
     """Flux widths read from tensor shapes; for the real model they equal ComfyUI's hard-coded values."""
     hidden = sd["img_in.weight"].shape[0]
-    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    head_dim = _norm(sd, "double_blocks.0.img_attn.norm.query_norm").shape[0]
     if hidden % head_dim or head_dim % 32:
         raise FluxFileError(f"unsupported Flux widths: hidden {hidden}, head dim {head_dim} (want a multiple of 32)")
     # Flux splits each head's rotary dimensions 1:7:7 over (index, height, width).
@@ -188,14 +201,21 @@ def load_flux_model(path: str, weight_dtype: torch.dtype) -> comfy.model_patcher
         )
         model_config.set_inference_dtype(weight_dtype, manual_cast)
         model = model_config.get_model(sd, "").to(offload_device)
-        _check_keys(set(model.diffusion_model.state_dict()), set(sd), name)
-        model.load_model_weights(sd, "")
+        # ComfyUI's own renames (0.33: ``_norm.scale`` -> ``.weight``), then a strict check. Under dynamic VRAM the
+        # Linears have no weight until loaded, so the check uses what load_state_dict reports, not state_dict().
+        sd = model_config.process_unet_state_dict(sd)
+        try:
+            missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shapes that contradict the widths read from the file itself
+            raise FluxFileError(f"'{name}' is not a consistent Flux transformer ({str(e).splitlines()[-1].strip()}). "
+                                "Re-download it.") from e
+        _check_keys(missing, unexpected, name)
         model.diffusion_model.requires_grad_(False)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-def _check_keys(expected: set[str], found: set[str], name: str) -> None:
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
+def _check_keys(missing: list[str], unexpected: list[str], name: str) -> None:
+    missing, unexpected = sorted(missing), sorted(unexpected)
     if missing:
         raise FluxFileError(
             f"'{name}' lacks {len(missing)} Flux tensors (first: {missing[:3]}): the file is truncated or is not a "

@@ -21,6 +21,7 @@ import comfy.model_base
 import comfy.model_management
 
 from .block_swap import block_swap
+from .comfy_compat import interrupt_exception, non_dynamic, quantized_weight_names, training_mode
 from . import blocks, step_graphs
 from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
@@ -62,6 +63,12 @@ class TrainResult:
     stopped_early: bool = False
 
 
+class ModelInputError(ValueError):
+    """The MODEL input cannot be trained as it is; the message says what to connect instead."""
+
+    input_name = "model"
+
+
 class NonFiniteLoss(ArithmeticError):
     """Training hit a NaN or infinite loss or gradient; ``result`` holds the adapter from before that step."""
 
@@ -97,6 +104,21 @@ def frozen_base(model: torch.nn.Module):
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
+
+
+def trainable_patcher(model_patcher):
+    """The patcher to train through: a dynamic-VRAM one (ComfyUI 0.33+ loaders on NVIDIA) is replaced by a plain
+    clone of it, which ComfyUI reloads from the same file, since the training modules need resident weights; the
+    input MODEL is untouched either way. Quantized weights are refused with what to load instead."""
+    model_patcher = non_dynamic(model_patcher)
+    quantized = quantized_weight_names(model_patcher.model.diffusion_model)
+    if quantized:
+        raise ModelInputError(
+            f"the model holds ComfyUI quantized weights ({quantized[0]}, ...), as ComfyUI's Load Diffusion Model "
+            "makes of a scaled-fp8 file; LoRA training through them is not supported. Load the file with Load "
+            "Flux-dev2pro (Dev2ProLoadModel) instead: it dequantizes scaled-fp8 files, so the LoRA also transfers "
+            "exactly to Flux-dev")
+    return model_patcher
 
 
 def check_compatible(base_model, dataset: TrainingDataset) -> None:
@@ -236,6 +258,7 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
     carrying the adapter from before that step.
     """
     config.validate()
+    model_patcher = trainable_patcher(model_patcher)
     check_compatible(model_patcher.model, dataset)
     if config.fp8_matmul == "on" and (reason := unsupported_reason(model_patcher.load_device)):
         raise Fp8Unavailable(f"{reason}. Set fp8_matmul to off in the advanced settings")
@@ -321,7 +344,7 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
                           device=device) as layers, \
             (fp8_base_matmuls(layers, compute_dtype) if config.fp8_matmul == "on" else contextlib.nullcontext()), \
             block_swap(transformer, config.blocks_to_swap, device) as swap, \
-            compiler_settings(device.type):
+            compiler_settings(device.type), training_mode():
         runner = BlockRunner(transformer, config.gradient_checkpointing, compiled, swap,
                              blocks.recompute_budgets(config.fp8_matmul == "on"))
         transformer_options["patches_replace"] = {"dit": runner.replacements()}
@@ -389,6 +412,15 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
                     return True
             if pending is not None:
                 return commit(pending)
+        except interrupt_exception():
+            # Cancel raised inside an op (ComfyUI 0.33+ checks it in every op's forward): the step in flight is
+            # dropped and the last completed one kept, as when Cancel is seen between steps. ComfyUI cleared its
+            # flag when it raised; it is set again so that the node sees the Cancel.
+            run.optimizer.zero_grad(set_to_none=True)
+            if pending is not None and pending.step > run.step:
+                commit(pending)
+            comfy.model_management.interrupt_current_processing(True)
+            return True
         finally:
             steps.close()
     return False

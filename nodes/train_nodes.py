@@ -12,13 +12,14 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..core.config import COMPILE_MODES, FP8_MATMUL_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS
+from ..core import run_memo
 from ..core.dataset import TrainingDataset
 from ..core.fp8_matmul import Fp8Unavailable
 from ..core.lora_format import TrainedLoRA
 from ..core.loss_plot import draw_loss_curve
 from ..core.optimizers import MissingPackage
-from ..core.training import (DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, NonFiniteLoss, StepInfo, TrainConfig,
-                             TrainingState, TrainResult, train_lora)
+from ..core.training import (DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, ModelInputError, NonFiniteLoss, StepInfo,
+                             TrainConfig, TrainingState, TrainResult, train_lora)
 from .common import CATEGORY, MODEL_NAME_OPTION, AdvancedSettings, Dataset, PreviewSettings, TrainingStateType, node_error
 from .lora_nodes import write_lora
 from .preview_nodes import Previews, sample_previews
@@ -58,6 +59,12 @@ class _EarlyStops:
 def run_training(node: str, node_id: str, model, dataset: TrainingDataset, config: TrainConfig,
                  resume: TrainingState | None, stop_at_step: int, previews: Previews | None) -> io.NodeOutput:
     """What both training nodes do: progress, events, Cancel, previews, NaN rescue, and the four outputs."""
+    key = run_memo.run_key(node, model, dataset, config, resume, stop_at_step, previews)
+    finished = run_memo.recall(key)
+    if finished is not None:
+        log.warning("%s: these inputs finished training earlier in this ComfyUI session (ComfyUI dropped that result "
+                    "from its cache); handing that run on instead of training again", node)
+        return finished
     progress = comfy.utils.ProgressBar(config.steps, node_id=node_id)
     if resume is not None:
         progress.update_absolute(min(resume.step, config.steps), config.steps)
@@ -95,15 +102,21 @@ def run_training(node: str, node_id: str, model, dataset: TrainingDataset, confi
         raise node_error(node, "optimizer", str(e)) from e
     except Fp8Unavailable as e:
         raise node_error(node, "advanced: fp8_matmul", str(e)) from e
+    except ModelInputError as e:
+        raise node_error(node, e.input_name, str(e)) from e
     except ValueError as e:
         raise node_error(node, "model/dataset/training_state", str(e)) from e
+    should_stop()  # a Cancel that arrived inside an op (0.33+) ended the session; it is seen here
     if cancelled[0]:
         # Cancel ends training, not the graph: the adapter so far goes on to Save LoRA. A second Cancel stops the rest.
         comfy.model_management.interrupt_current_processing(False)
         _EarlyStops.count += 1
         log.warning("%s: stopped by Cancel at step %d of %d; the adapter so far goes on to the next nodes "
                     "(press Cancel again to stop them)", node, result.state.step if result.state else 0, config.steps)
-    return outputs(model, config, result, preview_images, cancelled[0])
+    output = outputs(model, config, result, preview_images, cancelled[0])
+    if not cancelled[0]:
+        run_memo.remember(key, output)
+    return output
 
 
 def lora_info(model, config: TrainConfig, result: TrainResult, stopped_early: bool) -> dict[str, str]:

@@ -44,13 +44,31 @@ def random_like(shapes: dict[str, torch.Size], seed: int, dtype=torch.float32) -
     return out
 
 
+def flux_params(config: dict) -> dict:
+    """``config`` with what this ComfyUI's FluxParams needs besides (0.33: ``txt_ids_dims``)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {**({"txt_ids_dims": []} if "txt_ids_dims" in fields else {}), **config}
+
+
+def bfl_key(key: str) -> str:
+    """The name BFL's files give a tensor: ComfyUI 0.33 builds the attention norms as torch RMSNorms
+    (``query_norm.weight``); Flux files, as released, call them ``query_norm.scale``."""
+    return key[: -len(".weight")] + ".scale" if key.endswith(("_norm.weight",)) else key
+
+
 def flux_shapes(config: dict) -> dict[str, torch.Size]:
+    """Tensor shapes of a Flux transformer in BFL layout, whichever ComfyUI builds it."""
     import comfy.ldm.flux.model
     import comfy.ops
 
     with torch.device("meta"):
-        model = comfy.ldm.flux.model.Flux(**config, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
-    return {k: v.shape for k, v in model.state_dict().items()}
+        model = comfy.ldm.flux.model.Flux(**flux_params(config), dtype=torch.float32,
+                                          operations=comfy.ops.disable_weight_init)
+    return {bfl_key(k): v.shape for k, v in model.state_dict().items()}
 
 
 def flux_state_dict(config: dict = TINY_FLUX, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -79,10 +97,10 @@ def to_diffusers(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.T
     out = {}
     for diffusers_key, target in mapping.items():
         if isinstance(target, str):
-            if target in sd:
-                out[diffusers_key] = sd[target]
+            if bfl_key(target) in sd:
+                out[diffusers_key] = sd[bfl_key(target)]
             continue
-        key, offset = target[0], target[1]
+        key, offset = bfl_key(target[0]), target[1]
         if key not in sd:
             continue
         t = sd[key] if offset is None else sd[key].narrow(*offset)

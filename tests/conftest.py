@@ -1,4 +1,4 @@
-"""Runs every test against the real ComfyUI found through COMFYUI_PATH (default ~/comfy/ComfyUI), on the CPU.
+"""Runs every test against the real ComfyUI found through COMFYUI_PATH (or the one the pack is installed in), on the CPU.
 
 ComfyUI's graph executor runs in-process as in its server (node code under torch.inference_mode()); models,
 inputs and outputs live in a temporary root so the ComfyUI install is never written to.
@@ -17,7 +17,7 @@ import pytest
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(PACK_DIR, "scripts"))
 
-from comfy_inprocess import import_comfyui, load_packs  # noqa: E402
+from comfy_inprocess import import_comfyui, load_packs, prompt_executor  # noqa: E402
 
 nodes = import_comfyui()  # exits with instructions when no ComfyUI is found: the tests never skip it
 import execution  # noqa: E402
@@ -49,7 +49,7 @@ class Comfy:
         self.root = root
         self.pack = pack
         self.server = RecordingServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        self.executor = prompt_executor(self.server)
 
     def path(self, folder: str, *parts: str) -> str:
         return os.path.join(self.root, "models", folder, *parts) if folder in MODEL_FOLDERS else os.path.join(self.root, folder, *parts)

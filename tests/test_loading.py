@@ -38,8 +38,9 @@ def test_single_file_bf16_weight_dtype_keeps_bf16(comfy):
     model = load(comfy, "dev2pro_bf16b.safetensors", "bf16")
     from safetensors.torch import load_file
     stored = load_file(path)
-    loaded = model.model.diffusion_model.state_dict()
+    loaded = {random_models.bfl_key(k): v for k, v in model.model.diffusion_model.state_dict().items()}
     assert loaded["single_blocks.0.linear1.weight"].dtype == torch.bfloat16
+    assert loaded.keys() == stored.keys()
     assert all(torch.equal(loaded[k].float(), stored[k].float()) for k in stored)
 
 

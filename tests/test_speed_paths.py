@@ -218,3 +218,24 @@ def test_swap_sessions_attention_computes_what_comfyuis_does(core, skip_reshape,
     assert len(calls) == 1
     assert routed.shape == expected.shape
     torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_see_no_per_block_options(core, comfy):
+    """ComfyUI 0.33+ writes block_index, block_type, total_blocks and img_slice into transformer_options before each
+    block. A compiled block that read them would be specialised per block index, and a block recomputed in backward
+    would read the last block's values; the blocks get the options without them, forward and recomputation alike."""
+    deeper = random_models.write_flux(comfy.path("diffusion_models", "speed_deeper.safetensors"),
+                                      dict(random_models.TINY_FLUX, depth=2, depth_single_blocks=2), seed=43)
+    seen = []
+    patcher = load(core, deeper)
+    transformer = patcher.model.diffusion_model
+    hooks = [block.register_forward_pre_hook(lambda m, a, kw: seen.append(set(kw["transformer_options"])),
+                                             with_kwargs=True)
+             for block in list(transformer.double_blocks) + list(transformer.single_blocks)]
+    try:
+        train(core, patcher, latent_dataset(core), steps=2, compile="off")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 2 * 2 * 4  # two steps, forward and recomputation, four blocks
+    assert all("patches_replace" in keys and not keys & set(core.comfy_compat.PER_BLOCK_OPTIONS) for keys in seen)

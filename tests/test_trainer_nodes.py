@@ -167,3 +167,29 @@ def test_fp8_matmul_on_a_bf16_model_names_the_setting_and_the_fix(comfy, files):
     assert "Dev2ProTrainLoRA (advanced: fp8_matmul): fp8_matmul 'on' needs the model loaded in fp8 e4m3fn" in message
     assert "Set fp8_matmul to off" in message
     assert not os.path.exists(comfy.path("loras", "fp8bad"))
+
+
+def test_a_finished_run_is_handed_on_when_comfyui_runs_the_node_again(comfy, files):
+    """ComfyUI's default cache from 0.33 on drops outputs under RAM pressure and re-runs the dropped nodes, loaders
+    included, when the graph is queued again: a fresh executor is that, at its most. The same inputs must not train
+    for hours again; other inputs, and a re-run after Cancel (test_training), do."""
+    from comfy_inprocess import prompt_executor
+
+    def trained_steps(g):
+        comfy.run(g)
+        return [d["step"] for e, d in comfy.server.messages if e == "dev2pro.train.step"]
+
+    g = graph({"seed": 11})
+    g["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["train", 0], "filename_prefix": "memo/first"}}
+    executor = comfy.executor
+    try:
+        assert trained_steps(g) == [1, 2, 3, 4]
+        comfy.executor = prompt_executor(comfy.server)  # every cached output gone
+        g["save"]["inputs"]["filename_prefix"] = "memo/again"
+        assert trained_steps(g) == []
+        first, again = (load_file(comfy.path("loras", "memo", f"{n}_00001.safetensors")) for n in ("first", "again"))
+        assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+        g["train"]["inputs"]["learning_rate"] = 2e-3
+        assert trained_steps(g) == [1, 2, 3, 4]
+    finally:
+        comfy.executor = executor
