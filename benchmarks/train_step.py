@@ -9,7 +9,10 @@ and caption. Prints one JSON line per configuration:
 - ``seconds_per_step_median``: median over the timed steps after warm-up. A step's time is the GPU-timeline gap
   between consecutive optimizer steps (CUDA events recorded by a global optimizer hook): no sync is added.
 - ``peak_gib``: torch.cuda.max_memory_allocated during the node's run, the resident fp8 weights included.
-- ``speedup_vs_comfyui``: ComfyUI's median over ours at the same resolution.
+- ``speedup_vs_comfyui``: ComfyUI's median (its node's defaults) over ours at the same resolution;
+  ``speedup_vs_comfyui_fastest`` likewise against its fastest settings (``--comfyui-settings``, below).
+- ``comfyui_version`` (every row) and ``comfyui_settings`` (ComfyUI's rows): the ComfyUI in use and every input its
+  TrainLoraNode got besides model, latents and conditioning.
 - ``graph_breaks``: dynamo graph breaks during the node's run (0: each block kind compiled whole).
 - loss comparisons (same seed, data and noise): ours against eager (``--eager-too``), fp8_matmul against bf16
   (``--fp8-too``), without CUDA graphs of the step against with them (``--no-graphs-too``), low-VRAM against fast
@@ -23,13 +26,20 @@ and caption. Prints one JSON line per configuration:
 
     python benchmarks/train_step.py [--resolutions 512 1024] [--steps 10] [--warmup 3] [--low-vram 1024]
                                     [--fp8-too] [--no-graphs-too] [--eager-too] [--python-wrapper-too] [--depth 19 38]
+                                    [--comfyui-settings default|fastest|both] [--skip-ours]
 
-Needs a CUDA GPU and ComfyUI importable (COMFYUI_PATH, or ~/comfy/ComfyUI).
+ComfyUI's TrainLoraNode is called with its own defaults (``default``) and with the fastest settings its inputs offer
+(``fastest``, COMFYUI_FASTEST). ``both`` is the default where the node has 0.33's speed inputs (bypass_mode,
+offloading); on 0.3.64 one row with its defaults.
+
+Needs a CUDA GPU and ComfyUI importable (COMFYUI_PATH, or the ComfyUI the pack is installed in); on the lent GPU
+machine, ``source benchmarks/gpu_setup.sh 0.33.0`` first (see there).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import gc
 import json
@@ -51,6 +61,14 @@ TINY_FLUX = dict(FLUX_DEV, hidden_size=128, num_heads=2, depth=2, depth_single_b
                  axes_dim=[8, 28, 28])  # --smoke: the whole script on the CPU in seconds, numbers meaningless
 GIB = 2**30
 CUDA = torch.cuda.is_available()
+# The benchmark's own choices; every other input of ComfyUI's node keeps the node's default.
+COMFYUI_SHAPE = dict(batch_size=1, grad_accumulation_steps=1, learning_rate=1e-4, seed=0)
+# Fastest settings of ComfyUI's node, applied where its schema has the input. Bypass: the LoRA runs beside the frozen
+# weight (x·A·B, like peft), so backward computes no full-size gradient of the patched weight, a GEMM as large as the
+# layer's own. No offloading: the model fits. Checkpointing stays on, whole blocks: without it 0.33's node fails in
+# backward (Flux's blocks add their residuals in place, img += ..., into tensors a norm saved for backward).
+COMFYUI_FASTEST = dict(bypass_mode=True, offloading=False, training_dtype="bf16", gradient_checkpointing=True,
+                       checkpoint_depth=1)
 
 
 def import_comfyui_and_pack(cpu: bool):
@@ -70,19 +88,43 @@ def import_comfyui_and_pack(cpu: bool):
     return sys.modules[PACK_DIR.replace(".", "_x_")]
 
 
+def comfyui_version() -> str:
+    import comfyui_version as v  # the tree on sys.path, i.e. in use
+
+    return v.__version__
+
+
+def call_v3(node_cls, hidden: dict, **inputs):
+    """A V3 node's execute as ComfyUI's executor calls it: validated, on a locked clone of the class that holds the
+    hidden inputs (0.3.64 takes them as a dict, 0.33 inside V3Data), each input wrapped in a list for INPUT_IS_LIST."""
+    from comfy_api.internal import make_locked_method_func
+    from comfy_api.latest import _io
+
+    node_cls.VALIDATE_CLASS()
+    v3_data = hasattr(_io.HiddenHolder, "from_v3_data")
+    clone = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden} if v3_data else hidden)
+    if node_cls.INPUT_IS_LIST:
+        inputs = {k: [v] for k, v in inputs.items()}
+    return make_locked_method_func(node_cls, "execute", clone)(**inputs)
+
+
 def random_flux_dev(shape: dict):
+    import comfy.ldm.flux.model
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
     device = comfy.model_management.get_torch_device()
-    config = comfy.supported_models.Flux(dict(shape))
+    shape = dict(shape)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        shape.setdefault("txt_ids_dims", [])  # required from 0.33 on; [] for Flux.1, as its model detection sets
+    config = comfy.supported_models.Flux(shape)
     config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
     model = config.get_model({}, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.diffusion_model.named_parameters():
-            if name.endswith(".scale"):
+            if p.ndim < 2 and "norm" in name:  # RMSNorm gains: .scale up to 0.3.x, .weight from 0.33
                 p.fill_(1)
             elif p.ndim < 2:
                 p.zero_()
@@ -92,8 +134,24 @@ def random_flux_dev(shape: dict):
     model.diffusion_model.requires_grad_(False)
     params = sum(p.numel() for p in model.diffusion_model.parameters())
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    if hasattr(patcher, "cached_patcher_init"):  # 0.33: its TrainLoraNode trains a fresh copy made through this
+        patcher.cached_patcher_init = (rebuilt_flux, (config, model))
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)  # registered, so unloading works
     return patcher, params
+
+
+def rebuilt_flux(config, source, disable_dynamic=True):
+    """What re-reading the model's file yields (the loader nodes' cached_patcher_init does that): a new model with
+    the same weights on the offload device, as comfy.sd.load_diffusion_model_state_dict builds it."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    offload = torch.device("cpu")
+    model = config.get_model({}, device=offload)
+    model.diffusion_model.load_state_dict(source.diffusion_model.state_dict())
+    model.diffusion_model.requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=offload)
 
 
 class StepClock:
@@ -154,8 +212,12 @@ def timed(run, warmup: int, placeholder_bytes: int = 0) -> dict:
     clock = StepClock()
     breaks_before = sum(counters["graph_break"].values())
     start = time.perf_counter()
-    with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        losses = run()
+    try:
+        with torch.inference_mode():  # as ComfyUI's executor runs nodes
+            losses = run()
+    except BaseException:
+        clock.handle.remove()
+        raise
     wall = time.perf_counter() - start
     times = clock.seconds(warmup)
     breaks = sum(counters["graph_break"].values()) - breaks_before
@@ -178,24 +240,47 @@ def run_ours(pack, patcher, resolution, steps, tokens, rank, **settings):
     dataset = core.dataset.TrainingDataset.from_batches(latent, [(context[0], pooled[0])])
     model = patcher.clone()
     model.model_options[core.config.GUIDANCE_OPTION] = 1.0
-    node = pack.nodes.train_nodes.Dev2ProTrainLoRA.PREPARE_CLASS_CLONE({"UNIQUE_ID": "bench"})
     advanced = {k: settings.pop(k) for k in ("compile", "blocks_to_swap", "fp8_matmul") if k in settings}
-    out = node.execute(model=model, dataset=dataset, steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank),
-                       seed=0, gradient_checkpointing=True, advanced=advanced or None, **settings)
+    out = call_v3(pack.nodes.train_nodes.Dev2ProTrainLoRA, {"UNIQUE_ID": "bench"}, model=model, dataset=dataset,
+                  steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank), seed=0, gradient_checkpointing=True,
+                  advanced=advanced or None, **settings)
     return list(out.args[3].losses)
 
 
-def run_comfyui(patcher, resolution, steps, tokens, rank):
+def comfyui_settings(kind: str, steps: int, rank: int) -> dict:
+    """Every input of ComfyUI's TrainLoraNode but model, latents and conditioning: its schema's defaults, the
+    benchmark's shape, and for ``fastest`` the COMFYUI_FASTEST inputs its schema has."""
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    schema = TrainLoraNode.INPUT_TYPES()
+    inputs = {**schema.get("required", {}), **schema.get("optional", {})}
+    settings = {k: spec[1]["default"] for k, spec in inputs.items() if len(spec) > 1 and "default" in spec[1]}
+    settings.update(COMFYUI_SHAPE, steps=steps, rank=rank)
+    if kind == "fastest":
+        settings.update({k: v for k, v in COMFYUI_FASTEST.items() if k in inputs})
+    return {k: v for k, v in settings.items() if k in inputs}
+
+
+def comfyui_has_speed_inputs() -> bool:
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    return "bypass_mode" in TrainLoraNode.INPUT_TYPES().get("required", {})
+
+
+def run_comfyui(patcher, resolution, tokens, settings):
+    """ComfyUI's node as its executor calls it: V1 (0.3.64: an instance's ``train``) or V3 (0.33: ``execute``)."""
+    from comfy_api.internal import _ComfyNodeInternal
     from comfy_extras.nodes_train import TrainLoraNode
 
     latent, context, pooled = data(resolution, tokens, patcher.model.diffusion_model.params.context_in_dim)
-    mp, lora, loss_map, _ = TrainLoraNode().train(
-        model=patcher, latents={"samples": latent}, positive=[[context, {"pooled_output": pooled, "guidance": 1.0}]],
-        batch_size=1, steps=steps, grad_accumulation_steps=1, learning_rate=1e-4, rank=rank, optimizer="AdamW",
-        loss_function="MSE", seed=0, training_dtype="bf16", lora_dtype="bf16", algorithm="LoRA",
-        gradient_checkpointing=True, existing_lora="[None]")
-    losses = list(loss_map["loss"])
-    del mp, lora
+    inputs = dict(model=patcher, latents={"samples": latent},
+                  positive=[[context, {"pooled_output": pooled, "guidance": 1.0}]], **settings)
+    if issubclass(TrainLoraNode, _ComfyNodeInternal):
+        outputs = call_v3(TrainLoraNode, {"UNIQUE_ID": "bench"}, **inputs).args
+    else:
+        outputs = getattr(TrainLoraNode(), TrainLoraNode.FUNCTION)(**inputs)
+    losses = list(outputs[list(TrainLoraNode.RETURN_TYPES).index("LOSS_MAP")]["loss"])
+    del outputs
     return losses
 
 
@@ -220,6 +305,10 @@ def main() -> None:
     parser.add_argument("--checkpoint-outside-too", action="store_true",
                         help="also run ours with torch.utils.checkpoint around the compiled block instead of the compiler recomputing")
     parser.add_argument("--skip-comfyui", action="store_true")
+    parser.add_argument("--comfyui-settings", choices=["default", "fastest", "both"],
+                        help="ComfyUI's node with its defaults, its fastest settings (COMFYUI_FASTEST) or both "
+                             "(default: both where the node has 0.33's bypass_mode/offloading, else default)")
+    parser.add_argument("--skip-ours", action="store_true", help="only ComfyUI's rows")
     parser.add_argument("--skip-plain", action="store_true", help="leave out ours with default settings (A/B runs only)")
     parser.add_argument("--depth", type=int, nargs=2, default=[19, 38], metavar=("DOUBLE", "SINGLE"),
                         help="blocks of the model (a shallower Flux-dev width for quick diagnosis)")
@@ -232,9 +321,11 @@ def main() -> None:
     pack = import_comfyui_and_pack(cpu=a.smoke)
     pack.core.fp8_matmul.SCALING = a.fp8_scaling
     import comfy.model_patcher
+    comfyui_kinds = {"default": ["default"], "fastest": ["fastest"], "both": ["default", "fastest"]}[
+        a.comfyui_settings or ("both" if comfyui_has_speed_inputs() else "default")]
     shape = TINY_FLUX if a.smoke else dict(FLUX_DEV, depth=a.depth[0], depth_single_blocks=a.depth[1])
     patcher, params = random_flux_dev(shape)
-    common = {"benchmark": "train_step", "gpu": torch.cuda.get_device_name() if CUDA else "cpu (smoke)", "torch": torch.__version__,
+    common = {"benchmark": "train_step", "comfyui_version": comfyui_version(), "gpu": torch.cuda.get_device_name() if CUDA else "cpu (smoke)", "torch": torch.__version__,
               "parameters": params, "date": datetime.date.today().isoformat(), "rank": a.rank, "batch": 1,
               "text_tokens": a.tokens, "base_dtype": "float8_e4m3fn", "compute_dtype": "bfloat16",
               "gradient_checkpointing": True, "fp8_scaling": a.fp8_scaling}
@@ -252,7 +343,7 @@ def main() -> None:
     fp8_low_vram = "on" if a.low_vram_fp8 else "off"
     # Low-VRAM rows first, as in the README's numbers. (They crashed after an eager session at the same size while
     # swap sessions used cuDNN attention; see the README.)
-    for resolution in a.low_vram:
+    for resolution in [] if a.skip_ours else a.low_vram:
         free_everything()  # the model goes to the CPU, so the load below sees only the emulated card
         placeholder = torch.empty(max(0, torch.cuda.mem_get_info()[0] - int(a.card_gib * GIB)), dtype=torch.uint8,
                                   device="cuda")
@@ -281,6 +372,8 @@ def main() -> None:
             variants.append(("Dev2ProTrainLoRA checkpoint outside compile", {"compile": "auto"}))
         if a.skip_plain:
             variants = variants[1:]
+        if a.skip_ours:
+            variants = []
         for name, settings in variants:
             pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = "outside" not in name
             pack.core.blocks.CPP_WRAPPER_ON_GPU = "python wrapper" not in name
@@ -296,13 +389,16 @@ def main() -> None:
         pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = True
         pack.core.blocks.CPP_WRAPPER_ON_GPU = True
         pack.core.step_graphs.STEP_GRAPHS_ON_GPU = True
-        if not a.skip_comfyui:
-            row = timed(lambda: run_comfyui(patcher, resolution, steps, a.tokens, a.rank), a.warmup)
-            rows.append({"trainer": "ComfyUI TrainLoraNode", "resolution": resolution, "mode": "fast", **row})
+        for kind in [] if a.skip_comfyui else comfyui_kinds:
+            settings = comfyui_settings(kind, steps, a.rank)
+            row = timed(lambda: run_comfyui(patcher, resolution, a.tokens, settings), a.warmup)
+            name = "ComfyUI TrainLoraNode" + (" fastest" if kind == "fastest" else "")
+            rows.append({"trainer": name, "resolution": resolution, "mode": "fast", "comfyui_settings": settings, **row})
             progress(rows[-1])
             free_everything()
             # ComfyUI 0.3.64's trainer leaves its weight wrappers on the shared modules after it returns (unloading
-            # wipes them only after a low-VRAM load); a partial load of the model later would pick them up.
+            # wipes them only after a low-VRAM load); a partial load of the model later would pick them up. (0.33's
+            # trains a deep copy: nothing to wipe, harmless.)
             for module in patcher.model.modules():
                 comfy.model_patcher.wipe_lowvram_weight(module)
 
@@ -313,8 +409,10 @@ def main() -> None:
     for r in rows:
         comfy, fast, eager = (find(r["resolution"], "ComfyUI TrainLoraNode"), find(r["resolution"], "Dev2ProTrainLoRA"),
                               find(r["resolution"], "Dev2ProTrainLoRA eager"))
-        if comfy is not None and r is not comfy:
-            r["speedup_vs_comfyui"] = round(comfy["seconds_per_step_median"] / r["seconds_per_step_median"], 2)
+        comfy_fastest = find(r["resolution"], "ComfyUI TrainLoraNode fastest")
+        for key, reference in (("speedup_vs_comfyui", comfy), ("speedup_vs_comfyui_fastest", comfy_fastest)):
+            if reference is not None and not r["trainer"].startswith("ComfyUI"):
+                r[key] = round(reference["seconds_per_step_median"] / r["seconds_per_step_median"], 2)
         if r["mode"] == "low_vram":  # against the fast mode with the same matmuls
             same = find(r["resolution"], r["trainer"])
             if same is not None:
