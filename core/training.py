@@ -348,8 +348,8 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
         runner = BlockRunner(transformer, config.gradient_checkpointing, compiled, swap,
                              blocks.recompute_budgets(config.fp8_matmul == "on"))
         transformer_options["patches_replace"] = {"dit": runner.replacements()}
-        if swap is not None and device.type == "cuda" and not blocks.CUDNN_ATTENTION_IN_SWAP:
-            transformer_options.setdefault("optimized_attention_override", blocks.attention_without_cudnn)
+        if device.type == "cuda":
+            transformer_options.setdefault("optimized_attention_override", blocks.session_attention(swap))
         if run.adapter is None:
             run.attach(layers, device)
         params = flat_parameters(run.adapter)

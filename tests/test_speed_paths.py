@@ -196,9 +196,11 @@ def test_the_cpp_launcher_is_used_on_gpus_only_where_a_cpp_compiler_is(core, mon
     (False, False, True),
     (False, True, False),
 ])
-def test_swap_sessions_attention_computes_what_comfyuis_does(core, skip_reshape, skip_output_reshape, masked):
-    """Block-swap sessions on a GPU replace ComfyUI's attention (which puts cuDNN first: the low-VRAM crash) through
-    its optimized_attention_override hook; the replacement must compute the same attention for every calling form."""
+@pytest.mark.parametrize("name", ["attention_without_cudnn", "attention_cudnn_first"])
+def test_session_attention_computes_what_comfyuis_does(core, skip_reshape, skip_output_reshape, masked, name):
+    """GPU sessions choose SDPA's attention backends through ComfyUI's optimized_attention_override hook (without
+    cuDNN under block swap: the low-VRAM crash; cuDNN first otherwise, as 0.3.64 did and 0.33 no longer does); the
+    replacement must compute the same attention for every calling form."""
     from comfy.ldm.modules.attention import attention_pytorch
 
     g = torch.Generator().manual_seed(0)
@@ -211,7 +213,7 @@ def test_swap_sessions_attention_computes_what_comfyuis_does(core, skip_reshape,
 
     def override(*args, **kwargs):
         calls.append(args[0])
-        return core.blocks.attention_without_cudnn(*args, **kwargs)
+        return getattr(core.blocks, name)(*args, **kwargs)
 
     expected = attention_pytorch(q, k, v, heads, **options)
     routed = attention_pytorch(q, k, v, heads, transformer_options={"optimized_attention_override": override}, **options)
