@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$PACK_DIR"
-exec "$PY" -m pytest -q -p no:cacheprovider tests "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider --durations=12 tests "$@"
