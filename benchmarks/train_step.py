@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import datetime
 import gc
 import json
@@ -109,16 +108,13 @@ def call_v3(node_cls, hidden: dict, **inputs):
 
 
 def random_flux_dev(shape: dict):
-    import comfy.ldm.flux.model
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
+    import random_models  # scripts/, on sys.path since import_comfyui_and_pack
 
     device = comfy.model_management.get_torch_device()
-    shape = dict(shape)
-    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
-        shape.setdefault("txt_ids_dims", [])  # required from 0.33 on; [] for Flux.1, as its model detection sets
-    config = comfy.supported_models.Flux(shape)
+    config = comfy.supported_models.Flux(random_models.flux_params(shape))  # 0.33 requires txt_ids_dims
     config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
     model = config.get_model({}, device=device)
     g = torch.Generator(device=device).manual_seed(0)

@@ -6,27 +6,15 @@ version string, so a fork or a version in between gets the path its code actuall
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import torch
 
-import comfy.ldm.flux.model
 import comfy.model_management
 
 # Keys the Flux forward writes into transformer_options before each block from 0.33 on (block_index, ...). Their
 # values change from block to block, so a compiled block that saw them would recompile per block, and a block
 # recomputed in backward would see the last block's values: the blocks get the options without them.
 PER_BLOCK_OPTIONS = ("block_index", "total_blocks", "block_type", "img_slice")
-
-
-def flux_params(config: dict) -> dict:
-    """``config`` completed with what the running ComfyUI's FluxParams requires beyond Flux.1's usual fields:
-    0.33 made ``txt_ids_dims`` required (``[]`` for Flux.1, as its model detection sets it)."""
-    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
-    out = dict(config)
-    if "txt_ids_dims" in fields:
-        out.setdefault("txt_ids_dims", [])
-    return out
 
 
 def block_options(transformer_options: dict | None) -> dict | None:
