@@ -110,7 +110,12 @@ def trainable_patcher(model_patcher):
     """The patcher to train through: a dynamic-VRAM one (ComfyUI 0.33+ loaders on NVIDIA) is replaced by a plain
     clone of it, which ComfyUI reloads from the same file, since the training modules need resident weights; the
     input MODEL is untouched either way. Quantized weights are refused with what to load instead."""
-    model_patcher = non_dynamic(model_patcher)
+    try:
+        model_patcher = non_dynamic(model_patcher)
+    except RuntimeError as e:  # ComfyUI can reload only what a loader node read from a file (cached_patcher_init)
+        raise ModelInputError(
+            f"this dynamic-VRAM MODEL cannot be copied for training ({e}). Load the base with Load Flux-dev2pro "
+            "(Dev2ProLoadModel), or start ComfyUI with --disable-dynamic-vram") from e
     quantized = quantized_weight_names(model_patcher.model.diffusion_model)
     if quantized:
         raise ModelInputError(
