@@ -231,7 +231,7 @@ def attention_cudnn_first(func, q, k, v, heads, mask=None, attn_precision=None, 
 
 
 def session_attention(swap) -> object:
-    """The attention override of a GPU training session (see the two functions above)."""
+    """The attention override of a GPU training session (attention_without_cudnn or attention_cudnn_first)."""
     return attention_cudnn_first if swap is None or CUDNN_ATTENTION_IN_SWAP else attention_without_cudnn
 
 

@@ -54,23 +54,12 @@ def non_dynamic(model_patcher):
     return model_patcher.clone(disable_dynamic=True)
 
 
-def quantized_weight_names(module: torch.nn.Module, limit: int = 3) -> list[str]:
-    """Names of up to ``limit`` parameters held as ComfyUI QuantizedTensor (0.33+: what Load Diffusion Model makes
-    of a scaled-fp8 file), which LoRA training through this pack does not take."""
+def first_quantized_weight(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter held as a ComfyUI QuantizedTensor (0.33+: what Load Diffusion Model makes of
+    a scaled-fp8 file), which LoRA training through this pack does not take; None when there is none."""
     try:
         from comfy.quant_ops import QuantizedTensor
     except ImportError:
-        return []
-    found = []
-    for name, p in module.named_parameters():
-        if isinstance(p, QuantizedTensor) or isinstance(getattr(p, "data", None), QuantizedTensor):
-            found.append(name)
-            if len(found) >= limit:
-                break
-    return found
-
-
-def interrupt_exception() -> type[BaseException]:
-    """The exception ComfyUI raises on Cancel: an Exception up to 0.3.x, a BaseException from 0.33 on, and raised
-    inside any op's forward there (``run_every_op``), not only from the progress bar."""
-    return comfy.model_management.InterruptProcessingException
+        return None
+    return next((name for name, p in module.named_parameters()
+                 if isinstance(p, QuantizedTensor) or isinstance(getattr(p, "data", None), QuantizedTensor)), None)

@@ -21,7 +21,7 @@ import comfy.model_base
 import comfy.model_management
 
 from .block_swap import block_swap
-from .comfy_compat import interrupt_exception, non_dynamic, quantized_weight_names, training_mode
+from .comfy_compat import first_quantized_weight, non_dynamic, training_mode
 from . import blocks, step_graphs
 from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
@@ -116,10 +116,10 @@ def trainable_patcher(model_patcher):
         raise ModelInputError(
             f"this dynamic-VRAM MODEL cannot be copied for training ({e}). Load the base with Load Flux-dev2pro "
             "(Dev2ProLoadModel), or start ComfyUI with --disable-dynamic-vram") from e
-    quantized = quantized_weight_names(model_patcher.model.diffusion_model)
+    quantized = first_quantized_weight(model_patcher.model.diffusion_model)
     if quantized:
         raise ModelInputError(
-            f"the model holds ComfyUI quantized weights ({quantized[0]}, ...), as ComfyUI's Load Diffusion Model "
+            f"the model holds ComfyUI quantized weights ({quantized}, ...), as ComfyUI's Load Diffusion Model "
             "makes of a scaled-fp8 file; LoRA training through them is not supported. Load the file with Load "
             "Flux-dev2pro (Dev2ProLoadModel) instead: it dequantizes scaled-fp8 files, so the LoRA also transfers "
             "exactly to Flux-dev")
@@ -417,7 +417,7 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
                     return True
             if pending is not None:
                 return commit(pending)
-        except interrupt_exception():
+        except comfy.model_management.InterruptProcessingException:  # a BaseException from 0.33 on
             # Cancel raised inside an op (ComfyUI 0.33+ checks it in every op's forward): the step in flight is
             # dropped and the last completed one kept, as when Cancel is seen between steps. ComfyUI cleared its
             # flag when it raised; it is set again so that the node sees the Cancel.

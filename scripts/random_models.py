@@ -57,7 +57,7 @@ def flux_params(config: dict) -> dict:
 def bfl_key(key: str) -> str:
     """The name BFL's files give a tensor: ComfyUI 0.33 builds the attention norms as torch RMSNorms
     (``query_norm.weight``); Flux files, as released, call them ``query_norm.scale``."""
-    return key[: -len(".weight")] + ".scale" if key.endswith(("_norm.weight",)) else key
+    return key[: -len(".weight")] + ".scale" if key.endswith("_norm.weight") else key
 
 
 def flux_shapes(config: dict) -> dict[str, torch.Size]:

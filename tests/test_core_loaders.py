@@ -66,7 +66,7 @@ def quantized_by_comfyui(comfy, unet_name) -> bool:
 
     with torch.inference_mode():
         model = nodes.UNETLoader().load_unet(unet_name, "default")[0]
-    return bool(comfy.pack.core.comfy_compat.quantized_weight_names(model.model.diffusion_model))
+    return comfy.pack.core.comfy_compat.first_quantized_weight(model.model.diffusion_model) is not None
 
 
 def sampled(comfy, graph, prefix):
