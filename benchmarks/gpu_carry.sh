@@ -10,16 +10,7 @@ SOURCES="${1:-$(cd .. && pwd)/shared/comfyui}"
 OUT=.device
 mkdir -p "$OUT"
 
-# Wheel sets; the versions gpu_setup.sh checks for. comfy_kitchen is repacked without its ROCm backend (59 MB).
-COMMON="alembic==1.20.1 annotated-types==0.8.0 mako==1.4.3 pydantic==2.14.4 pydantic-core==2.50.5
-        pydantic-settings==2.16.3 python-dotenv==1.2.4 sqlalchemy==2.1.9 torchsde==0.2.6 trampoline==0.1.2
-        typing-extensions==4.16.0 typing-inspection==0.4.5"
-declare -A SETS=(
-  [0.33.0/a]="$COMMON blake3==1.0.11 comfy-aimdo==0.4.13 comfy-kitchen==0.2.31 simpleeval==1.0.8"
-  [0.33.0/b]="av==19.0.2 comfyui-frontend-package==1.49.6"
-  [0.3.64/.]="$COMMON av==19.0.2 comfyui-frontend-package==1.27.10"
-)
-
+# comfy_kitchen is repacked below without its ROCm backend (59 MB).
 download() {  # dir, specs...
   local dir=$1; shift
   mkdir -p "$dir"
@@ -29,11 +20,10 @@ download() {  # dir, specs...
     --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 -d "$dir" "$@"
 }
 
-for key in "${!SETS[@]}"; do
-  version=${key%/*} part=${key#*/}
+while read -r version part; do  # each folder's specs, from the one list gpu_setup.sh checks against
   dir="$OUT/whl-$version"; [ "$part" = . ] || dir="$dir/$part"
-  download "$dir" ${SETS[$key]}
-done
+  download "$dir" $(awk -v v="$version" -v p="$part" '$1 == v && $2 == p { print $3 }' benchmarks/gpu_wheels.txt)
+done < <(awk '!/^#/ && NF == 3 { print $1, $2 }' benchmarks/gpu_wheels.txt | sort -u)
 
 for kitchen in "$OUT"/whl-0.33.0/a/comfy_kitchen-*.whl; do
   [[ "$kitchen" == *nohip* ]] && continue

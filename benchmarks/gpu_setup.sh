@@ -9,18 +9,14 @@
 _gpu_setup() {
   local version=$1 mode=${2:-} py=${PY:-python3} needed modules w name pending=() missing=()
   _GPU_SETUP_EXPORTS=
-  case "$version" in  # what ComfyUI's requirements.txt names that the GPU image lacks (kornia, spandrel, templates, docs: optional)
-    0.33.0) needed="alembic-1.20.1 annotated_types-0.8.0 av-19.0.2 blake3-1.0.11 comfy_aimdo-0.4.13 comfy_kitchen-0.2.31
-              comfyui_frontend_package-1.49.6 mako-1.4.3 pydantic-2.14.4 pydantic_core-2.50.5 pydantic_settings-2.16.3
-              python_dotenv-1.2.4 simpleeval-1.0.8 sqlalchemy-2.1.9 torchsde-0.2.6 trampoline-0.1.2
-              typing_extensions-4.16.0 typing_inspection-0.4.5"
-            modules="av sqlalchemy alembic.command pydantic_settings torchsde simpleeval blake3 comfy_aimdo.control comfy_kitchen comfyui_frontend_package" ;;
-    0.3.64) needed="alembic-1.20.1 annotated_types-0.8.0 av-19.0.2 comfyui_frontend_package-1.27.10 mako-1.4.3
-              pydantic-2.14.4 pydantic_core-2.50.5 pydantic_settings-2.16.3 python_dotenv-1.2.4 sqlalchemy-2.1.9
-              torchsde-0.2.6 trampoline-0.1.2 typing_extensions-4.16.0 typing_inspection-0.4.5"
-            modules="av sqlalchemy alembic.command pydantic_settings torchsde comfyui_frontend_package" ;;
+  case "$version" in  # the wheels it needs: benchmarks/gpu_wheels.txt
+    0.33.0) modules="av sqlalchemy alembic.command pydantic_settings torchsde simpleeval blake3 comfy_aimdo.control comfy_kitchen comfyui_frontend_package" ;;
+    0.3.64) modules="av sqlalchemy alembic.command pydantic_settings torchsde comfyui_frontend_package" ;;
     *) echo "gpu_setup: usage: gpu_setup.sh <0.33.0|0.3.64> [--stage]" >&2; return 2 ;;
   esac
+  # dist-info names: name-version, the name's dashes as underscores
+  needed=$(awk -v v="$version" '$1 == v { split($3, s, "=="); gsub("-", "_", s[1]); print s[1] "-" s[2] }' \
+             benchmarks/gpu_wheels.txt)
   local site=/tmp/site-$version comfy=/tmp/comfyui-$version
   mkdir -p "$site"
   _gpu_installed() { ls "$site" | grep -qix "$1.dist-info"; }  # dist-info names: the wheel's name-version, any case
