@@ -1,7 +1,9 @@
 """LoRA key formats, metadata and file I/O: the one place that knows how an adapter is written to disk.
 
-Files use kohya's Flux layout (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ``.lora_up.weight``,
-``.alpha``), which ComfyUI's LoraLoader, Forge, kohya and CivitAI all read.
+Files use kohya's Flux layout by default (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``,
+``.lora_up.weight``, an fp32 ``.alpha``), which ComfyUI's LoraLoader, Forge, kohya, diffusers and CivitAI all read;
+or diffusers' (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``). Reading any Flux.1 LoRA is
+``lora_convert``'s job.
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .lora_convert import SUFFIXES, Converted, to_comfy, to_diffusers
+
+# Suffixes ComfyUI's loader reads beyond lora_convert's (comfy/lora.py).
+LAYER_SUFFIXES = (".set_weight", ".reshape_weight", ".w_norm", ".b_norm")
 
 KOHYA_PREFIX = "lora_unet_"
 DOWN = ".lora_down.weight"
@@ -47,7 +54,9 @@ class LoRAWeights:
             key = kohya_name(name)
             out[key + DOWN] = self.down[name].detach().to("cpu", dtype).contiguous()
             out[key + UP] = self.up[name].detach().to("cpu", dtype).contiguous()
-            out[key + ALPHA] = torch.tensor(float(self.alpha), dtype=dtype)
+            # fp32 whatever the weights' dtype: diffusers divides the stored alpha without converting it, so a bf16
+            # alpha of 16 at rank 12 applied 0.18 % too strong there.
+            out[key + ALPHA] = torch.tensor(float(self.alpha), dtype=torch.float32)
         return out
 
 
@@ -76,6 +85,51 @@ def lora_metadata(info: dict[str, str], title: str) -> dict[str, str]:
     }
     meta.update({k: str(v) for k, v in info.items()})
     return meta
+
+
+FORMATS = ("kohya", "diffusers")
+
+
+def file_tensors(tensors: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An adapter in this pack's form (or any Flux.1 LoRA ComfyUI's nodes pass on) -> the tensors and extra
+    metadata of a file in ``fmt``. Raises ValueError for a layer the format cannot hold."""
+    converted = to_comfy(dict(tensors))
+    canonical, kept = converted.tensors, converted.unmatched + converted.text_encoder
+    if fmt == "kohya":  # keys for no Flux.1 layer are kept as they are: a save never drops anything
+        return {**canonical, **{k: tensors[k] for k in kept}}, {}
+    if fmt == "diffusers":
+        if kept:
+            raise ValueError(f"{len(kept)} keys of the adapter are not Flux.1 transformer layers (first: {kept[0]}); "
+                             "the diffusers format cannot hold them. Save it as kohya")
+        # No lora_adapter_metadata JSON beside the .alpha tensors: diffusers 0.42.1 refuses files with both
+        # ("Both `network_alphas` and `metadata` cannot be specified"), and ComfyUI reads only the tensors.
+        out, config = to_diffusers(canonical)
+        return out, {"dev2pro_lora_format": "diffusers", "dev2pro_peft_config": json.dumps(config)}
+    raise ValueError(f"unknown LoRA file format {fmt!r}; one of {', '.join(FORMATS)}")
+
+
+def read_lora_file(path: str) -> Converted:
+    """Any Flux.1 LoRA file -> this pack's form (``lora_convert.to_comfy``), with the file's metadata in ``info``.
+
+    A peft folder's ``adapter_config.json`` beside the file gives its alpha. Raises ValueError naming the file when
+    it cannot be read or is not a Flux.1 LoRA."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # OSError, or safetensors' own error type for a damaged or non-safetensors file
+        raise ValueError(f"cannot read {os.path.basename(path)} as a safetensors file: {e}") from e
+    peft = None
+    config_path = os.path.join(os.path.dirname(path), "adapter_config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                peft = {k: v for k, v in json.load(f).items() if k in ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora")}
+        except ValueError:
+            peft = None
+    converted = to_comfy(tensors, metadata, peft=peft)  # widths are checked against the model by Apply LoRA
+    converted.info = {k: v for k, v in metadata.items() if k not in ("format", "lora_adapter_metadata")}
+    return converted
 
 
 def next_free_path(directory: str, prefix: str, ext: str = ".safetensors") -> str:
@@ -113,18 +167,11 @@ def save_new_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[st
     return path
 
 
-# Suffixes ComfyUI's LoRA loader reads after a layer's prefix (comfy/lora.py and comfy/weight_adapter).
-LAYER_SUFFIXES = (
-    ".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".lora_A.weight", ".lora_B.weight",
-    ".alpha", ".dora_scale", ".diff", ".diff_b", ".set_weight", ".reshape_weight", ".w_norm", ".b_norm",
-)
-
-
 def layer_prefixes(tensors: dict) -> set[str]:
     """The layer names a LoRA file addresses: ``lora_unet_x.lora_down.weight`` -> ``lora_unet_x``."""
     prefixes = set()
     for key in tensors:
-        for suffix in LAYER_SUFFIXES:
+        for suffix in LAYER_SUFFIXES + tuple(SUFFIXES):
             if key.endswith(suffix):
                 prefixes.add(key[: -len(suffix)])
                 break
