@@ -1,6 +1,7 @@
-"""Saving a trained LoRA to models/loras and applying one to a MODEL (Flux-dev for sampling)."""
+"""Saving a trained LoRA to models/loras, loading any Flux.1 LoRA, and applying one to a MODEL (Flux-dev)."""
 from __future__ import annotations
 
+import logging
 import os
 
 import comfy.lora
@@ -8,8 +9,10 @@ import comfy.lora_convert
 import folder_paths
 from comfy_api.latest import io
 
-from ..core.lora_format import (STATE_EXTENSION, layer_prefixes, load_training_state, lora_metadata, next_free_path,
-                                save_new_file, save_training_state, state_path_for)
+from ..core.lora_convert import NotAFluxLoRA
+from ..core.lora_format import (FORMATS, STATE_EXTENSION, TrainedLoRA, file_tensors, layer_prefixes,
+                                load_training_state, lora_metadata, next_free_path, read_lora_file, save_new_file,
+                                save_training_state, state_path_for)
 from ..core.training import TrainConfig, TrainingState
 from .common import CATEGORY, TrainingStateType, node_error
 
@@ -23,16 +26,20 @@ def checked_prefix(prefix: str) -> str:
     return prefix
 
 
-def write_lora(tensors: dict, info: dict, prefix: str, state: TrainingState | None = None) -> str:
-    """Save under models/loras as the next free ``<prefix>_NNNNN.safetensors`` (and its training state beside it);
-    returns the LoRA's path. Never replaces a file."""
+def write_lora(tensors: dict, info: dict, prefix: str, state: TrainingState | None = None, fmt: str = "kohya") -> str:
+    """Save under models/loras as the next free ``<prefix>_NNNNN.safetensors`` (and its training state beside it)
+    in ``fmt`` (kohya or diffusers keys); returns the LoRA's path. Never replaces a file."""
+    try:
+        tensors, format_metadata = file_tensors(tensors, fmt)
+    except ValueError as e:
+        raise node_error("Dev2ProSaveLoRA", "format" if fmt != "kohya" else "lora", f"{e}.") from e
     directory = folder_paths.get_folder_paths("loras")[0]
     for _ in range(100):  # another save may take a number between our look and our write
         path = next_free_path(directory, prefix)
         if state is not None and os.path.exists(state_path_for(path)):
             continue
         try:
-            save_new_file(dict(tensors), path, lora_metadata(info, os.path.basename(path)))
+            save_new_file(dict(tensors), path, {**lora_metadata(info, os.path.basename(path)), **format_metadata})
             break
         except FileExistsError:
             continue
@@ -52,9 +59,66 @@ def apply_lora(model, lora: dict, strength: float, node: str = "Dev2ProApplyLoRA
     if unmatched:
         raise node_error(node, "lora", f"{len(unmatched)} of its layers do not exist in this model "
                          f"(first: {unmatched[0]}). Apply a Flux LoRA to a Flux model.")
+    check_shapes(model, tensors, key_map, node)
     patched = model.clone()
     patched.add_patches(comfy.lora.load_lora(tensors, key_map), strength)
     return patched
+
+
+def check_shapes(model, tensors: dict, key_map: dict, node: str) -> None:
+    """A LoRA made for another width would fail only when sampling starts, with a bare shape error: refuse it here."""
+    state = model.model.state_dict()
+    for prefix, target in key_map.items():
+        down, up = tensors.get(prefix + ".lora_down.weight"), tensors.get(prefix + ".lora_up.weight")
+        if down is None or up is None or isinstance(target, tuple) or target not in state:
+            continue
+        expected = tuple(state[target].shape[:2])
+        if (up.shape[0], down.shape[1]) != expected:
+            raise node_error(node, "lora", f"{prefix} is {up.shape[0]} x {down.shape[1]}, but this model's layer is "
+                             f"{expected[0]} x {expected[1]}: the LoRA was made for another model. Apply a Flux.1 "
+                             "LoRA to a Flux.1 model.")
+
+
+class Dev2ProLoadLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="Dev2ProLoadLoRA",
+            display_name="Load LoRA (Dev2Pro)",
+            category=CATEGORY,
+            description="Reads any Flux.1 LoRA file from models/loras (kohya / sd-scripts, ComfyUI, diffusers / "
+            "peft, OneTrainer, SimpleTuner, ai-toolkit, XLabs, LyCORIS LoHa / LoKr) at the scale its authors "
+            "meant, for Apply LoRA, previews and ComfyUI's own LoRA nodes. Lists every key it could not apply.",
+            inputs=[
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A .safetensors file in models/loras. A peft folder's adapter_config.json "
+                               "beside it gives its alpha."),
+            ],
+            outputs=[
+                io.LoraModel.Output(display_name="lora", tooltip="The LoRA in kohya keys with an fp32 alpha per "
+                                    "layer, which ComfyUI applies exactly at the file's scale."),
+                io.String.Output(display_name="report", tooltip="Format, layers, and the keys not applied."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, lora_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path("loras", lora_name)
+        if path is None:
+            raise node_error("Dev2ProLoadLoRA", "lora_name", f"'{lora_name}' is not in models/loras. Put the file "
+                             "there and refresh (press R) so the list shows it.")
+        try:
+            converted = read_lora_file(path)
+        except NotAFluxLoRA as e:
+            raise node_error("Dev2ProLoadLoRA", "lora_name", f"{lora_name} is {e}. Pick a Flux.1 LoRA, or load "
+                             "this file with the nodes of its own model.") from e
+        except ValueError as e:
+            raise node_error("Dev2ProLoadLoRA", "lora_name", f"{e}. Pick a .safetensors LoRA file.") from e
+        report = converted.report(lora_name)
+        if converted.unmatched or converted.text_encoder:
+            logging.warning("Dev2ProLoadLoRA: %s", report)
+        info = {**converted.info, "dev2pro_source_file": lora_name, "dev2pro_source_format": "+".join(converted.tools)}
+        return io.NodeOutput(TrainedLoRA(converted.tensors, info), report, ui={"text": [report]})
 
 
 class Dev2ProSaveLoRA(io.ComfyNode):
@@ -74,16 +138,20 @@ class Dev2ProSaveLoRA(io.ComfyNode):
                 TrainingStateType.Input("training_state", optional=True,
                                         tooltip="Also save the training state (adapter, optimizer, step) beside the "
                                         f"LoRA as '{STATE_EXTENSION}', to continue later with Load Training State."),
+                io.Combo.Input("format", options=list(FORMATS), default="kohya", optional=True,
+                               tooltip="kohya: lora_unet_* keys, read by ComfyUI, Forge, kohya, diffusers and "
+                               "CivitAI. diffusers: transformer.* keys (peft names), for diffusers' "
+                               "load_lora_weights; ComfyUI reads it too. Both carry an fp32 alpha per layer."),
             ],
             outputs=[],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, lora, filename_prefix, training_state=None) -> io.NodeOutput:
-        path = write_lora(lora, getattr(lora, "info", {}), checked_prefix(filename_prefix), training_state)
+    def execute(cls, lora, filename_prefix, training_state=None, format="kohya") -> io.NodeOutput:
+        path = write_lora(lora, getattr(lora, "info", {}), checked_prefix(filename_prefix), training_state, format)
         relative = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0]).replace(os.sep, "/")
-        ui = {"lora_files": [relative]}
+        ui = {"lora_files": [relative], "text": [f"models/loras/{relative}"]}
         if training_state is not None:
             ui["training_state_files"] = [relative[: -len(".safetensors")] + STATE_EXTENSION]
         return io.NodeOutput(ui=ui)
@@ -100,7 +168,8 @@ class Dev2ProApplyLoRA(io.ComfyNode):
             "Flux-dev2pro, apply to Flux-dev (fp8 or bf16) and sample with FluxGuidance 3.5.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with, normally Flux-dev."),
-                io.LoraModel.Input("lora", tooltip="From Dev2ProTrainLoRA, or any Flux LoRA ComfyUI can read."),
+                io.LoraModel.Input("lora", tooltip="From Dev2ProTrainLoRA or Load LoRA (Dev2Pro), or any Flux LoRA "
+                                   "ComfyUI can read."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Multiplier on the LoRA's effect; 1.0 is as trained."),
             ],
