@@ -100,3 +100,40 @@ def test_apply_refuses_a_lora_for_another_model(comfy, models):
         comfy.run(graph)
     assert "Dev2ProApplyLoRA (lora)" in error.value.message
     assert "lora_unet_double_blocks_1_" in error.value.message
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_saved_file_loads_back_and_samples_like_the_in_graph_adapter(comfy, models, fmt):
+    """Save LoRA in either format -> Load LoRA (Dev2Pro) -> Apply LoRA, or -> ComfyUI's own Load LoRA Model: the
+    samples equal the trained adapter's, and Save LoRA shows the path it wrote."""
+    graph = training_graph(models[0], steps=3, prefix=f"files/back_{fmt}", seed=21)
+    graph["save"]["inputs"]["format"] = fmt
+    outputs = comfy.run(graph)
+    [name] = saved_files(outputs)
+    assert outputs["save"]["text"] == [f"models/loras/{name}"]
+    with safe_open(comfy.path("loras", name), framework="pt") as f:
+        keys = list(f.keys())
+        assert all(k.startswith("transformer." if fmt == "diffusers" else "lora_unet_") for k in keys)
+        assert f.get_tensor(keys[0].rsplit(".", 2)[0] + ".alpha" if fmt == "kohya" else
+                            [k for k in keys if k.endswith(".alpha")][0]).dtype == torch.float32
+
+    graph = training_graph(models[0], steps=3, prefix=f"files/back_{fmt}", seed=21)  # served from the cache
+    graph["save"]["inputs"]["format"] = fmt
+    graph["flux_dev"] = {"class_type": "Dev2ProLoadModel", "inputs": {"model_name": models[1], "weight_dtype": "bf16"}}
+    graph["file"] = {"class_type": "Dev2ProLoadLoRA", "inputs": {"lora_name": name}}
+    graph["in_graph"] = {"class_type": "Dev2ProApplyLoRA", "inputs": {"model": ["flux_dev", 0], "lora": ["train", 0], "strength": 1.0}}
+    graph["loaded"] = {"class_type": "Dev2ProApplyLoRA", "inputs": {"model": ["flux_dev", 0], "lora": ["file", 0], "strength": 1.0}}
+    graph["core"] = {"class_type": "LoraModelLoader", "inputs": {"model": ["flux_dev", 0], "lora": ["file", 0], "strength_model": 1.0}}
+    import nodes as comfy_nodes
+    if "bypass" in comfy_nodes.NODE_CLASS_MAPPINGS["LoraModelLoader"].INPUT_TYPES()["required"]:  # 0.33 added it
+        graph["core"]["inputs"]["bypass"] = False
+    for node in ("in_graph", "loaded", "core"):
+        graph.update(sampling_nodes([node, 0], f"back_{fmt}_{node}"))
+    comfy.run(graph)
+
+    def latent(node):
+        with safe_open(comfy.path("output", f"back_{fmt}_{node}_00001_.latent"), framework="pt") as f:
+            return f.get_tensor("latent_tensor")
+
+    assert torch.equal(latent("loaded"), latent("in_graph"))
+    assert torch.equal(latent("core"), latent("in_graph"))
