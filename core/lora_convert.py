@@ -393,9 +393,15 @@ def to_comfy(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None =
             for target, parts, (tool, name, underscored) in members:
                 if target.diffusers_name is None or target.swapped:
                     raise NotAFluxLoRA(f"a {'/'.join(sorted(kinds))} layer on part of {module}, which is not converted")
+                layer = "transformer." + target.diffusers_name
+                if _algorithm(parts) == "lora":  # beside LyCORIS rows of the same module: its scale made explicit
+                    down, up = _down_up(parts)
+                    scale = lora_scale(parts, down.shape[0], peft, target.diffusers_name)
+                    out.update({layer + ".lora_down.weight": down, layer + ".lora_up.weight": up,
+                                layer + ".alpha": _fp32_alpha(scale * down.shape[0])})
+                    continue
                 for s, t in parts.items():
-                    out["transformer." + target.diffusers_name + s] = (_fp32_alpha(float(t.float().item()))
-                                                                        if s == ".alpha" else t)
+                    out[layer + s] = _fp32_alpha(float(t.float().item())) if s == ".alpha" else t
     hidden = max(widths) if widths else None
     if hidden_size is not None and hidden is not None and hidden != hidden_size:
         raise NotAFluxLoRA(f"a LoRA for a transformer {hidden} wide; Flux.1's layers are {hidden_size} wide "

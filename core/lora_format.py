@@ -84,6 +84,8 @@ def lora_metadata(info: dict[str, str], title: str) -> dict[str, str]:
         "ss_base_model_version": "flux1",
     }
     meta.update({k: str(v) for k, v in info.items()})
+    # A loaded file's info carries its own title and date; the file written now gets its own.
+    meta.update({"modelspec.title": title, "modelspec.date": datetime.date.today().isoformat()})
     return meta
 
 

@@ -102,6 +102,16 @@ class Dev2ProLoadLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, lora_name, **kwargs):
+        """A file replaced under the same name is read again (ComfyUI's own LoRA loaders keep the old one)."""
+        path = folder_paths.get_full_path("loras", lora_name)
+        if path is None:
+            return float("nan")
+        stat = os.stat(path)
+        adapter_config = os.path.join(os.path.dirname(path), "adapter_config.json")
+        return stat.st_size, stat.st_mtime_ns, os.path.getmtime(adapter_config) if os.path.isfile(adapter_config) else 0
+
+    @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:
         path = folder_paths.get_full_path("loras", lora_name)
         if path is None:

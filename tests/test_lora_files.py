@@ -137,3 +137,22 @@ def test_saved_file_loads_back_and_samples_like_the_in_graph_adapter(comfy, mode
 
     assert torch.equal(latent("loaded"), latent("in_graph"))
     assert torch.equal(latent("core"), latent("in_graph"))
+
+
+def test_load_lora_reads_a_replaced_file_again(comfy, models):
+    """Queued again after the file under the same name changed, Load LoRA reads the new one."""
+    import time
+
+    graph = training_graph(models[0], steps=1, prefix="files/replaced", seed=31)
+    [name] = saved_files(comfy.run(graph))
+    graph = {"file": {"class_type": "Dev2ProLoadLoRA", "inputs": {"lora_name": name}},
+             "copy": {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["file", 0], "filename_prefix": "files/copy"}}}
+    first = comfy.run(graph)["file"]["text"][0]
+    path = comfy.path("loras", name)
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if "single_blocks" not in k}
+    time.sleep(0.01)
+    from safetensors.torch import save_file
+    save_file(tensors, path)
+    second = comfy.run(graph)["file"]["text"][0]
+    assert "13 Flux.1 modules" in first and "10 Flux.1 modules" in second

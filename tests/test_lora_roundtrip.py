@@ -118,3 +118,23 @@ def test_split_peft_layers_merge_to_the_same_deltas(core, tensors, data):
             else:
                 expected[rows[0] * h:(rows[0] + rows[1]) * h] += delta
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_and_lokr_rows_of_one_module_keep_their_scales(core):
+    """A LoKr on q and a peft LoRA on k of the same qkv cannot merge: both stay on their rows, the LoRA with its
+    metadata alpha made an fp32 .alpha that ComfyUI reads."""
+    import json
+
+    tensors = {"transformer.transformer_blocks.0.attn.to_q.lokr_w1": torch.ones(2, 2),
+               "transformer.transformer_blocks.0.attn.to_q.lokr_w2": torch.ones(4, 4),
+               "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.ones(2, 8),
+               "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": torch.ones(8, 2)}
+    metadata = {"lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 1.0})}
+    out = core.lora_convert.to_comfy(tensors, metadata).tensors
+    assert sorted(out) == ["transformer.transformer_blocks.0.attn.to_k.alpha",
+                           "transformer.transformer_blocks.0.attn.to_k.lora_down.weight",
+                           "transformer.transformer_blocks.0.attn.to_k.lora_up.weight",
+                           "transformer.transformer_blocks.0.attn.to_q.lokr_w1",
+                           "transformer.transformer_blocks.0.attn.to_q.lokr_w2"]
+    alpha = out["transformer.transformer_blocks.0.attn.to_k.alpha"]
+    assert alpha.dtype == torch.float32 and alpha.item() == 1.0
