@@ -69,11 +69,16 @@ def test_kohya_to_diffusers_and_back_is_exact(core, tensors):
 
 
 @settings(max_examples=60, deadline=None)
-@given(kohya_loras())
-def test_kohya_to_comfyui_and_back_is_exact(core, tensors):
+@given(kohya_loras(), st.sampled_from(["diffusion_model.", ""]), st.sampled_from([("lora_down", "lora_up"), ("lora_A", "lora_B")]))
+def test_kohya_to_comfyui_and_back_is_exact(core, tensors, prefix, names):
+    """ComfyUI's trainer and OneTrainer's COMFY_LORA write diffusion_model.<BFL name>; OneTrainer's ORIGINAL_LORA and
+    BFL's own files the bare BFL name; with lora_down/up or peft's lora_A/B."""
     ours = canonical(core, tensors)
-    comfyui = {"diffusion_model." + core.lora_convert.bfl_module(k.rsplit(".", 2)[0] if k.endswith(".weight") else
-               k.rsplit(".", 1)[0]) + k[len(k.split(".")[0]):]: v for k, v in ours.items()}
+    comfyui = {}
+    for k, v in ours.items():
+        layer, _, suffix = k.partition(".")
+        suffix = "." + suffix.replace("lora_down", names[0]).replace("lora_up", names[1])
+        comfyui[prefix + core.lora_convert.bfl_module(layer) + suffix] = v
     assert_same(canonical(core, comfyui), ours)
     assert_same(canonical(core, ours), ours)  # loading its own output changes nothing
 
