@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-FLUX1_HIDDEN = 3072  # every Flux.1 transformer (dev, schnell, dev2pro, Lite, Flex) is 3072 wide
 
 # BFL module -> the diffusers modules it is split into: (name, first row, rows), in units of the hidden size.
 # (None, None) = the whole module. The final layer's modulation stores shift/scale in the other order.
@@ -320,13 +319,12 @@ def describe_non_flux(keys: list[str]) -> str | None:
 
 
 def to_comfy(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-             hidden_size: int | None = None, peft: dict | None = None) -> Converted:
+             peft: dict | None = None) -> Converted:
     """Any Flux.1 LoRA's tensors (and its safetensors metadata) -> this pack's form; see the module docstring.
 
-    ``hidden_size``: the width the LoRA must fit (``FLUX1_HIDDEN`` for files users load; None accepts any, for
-    tiny test models). ``peft``: LoraConfig fields from elsewhere (a peft folder's adapter_config.json); by
-    default those in the metadata. Raises NotAFluxLoRA when no key names a Flux.1 layer, or the widths are not
-    Flux.1's.
+    ``peft``: LoraConfig fields from elsewhere (a peft folder's adapter_config.json); by default those in the
+    metadata. Raises NotAFluxLoRA when no key names a Flux.1 layer or the shapes are not Flux.1's ratios. The
+    width is reported, not checked: Apply LoRA checks it against the model (a 3072-wide Flux.1, or a test's).
     """
     peft = peft_config(metadata) if peft is None else peft
     layers: dict[tuple[str, str, bool], dict[str, torch.Tensor]] = {}
@@ -403,9 +401,6 @@ def to_comfy(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None =
                 for s, t in parts.items():
                     out[layer + s] = _fp32_alpha(float(t.float().item())) if s == ".alpha" else t
     hidden = max(widths) if widths else None
-    if hidden_size is not None and hidden is not None and hidden != hidden_size:
-        raise NotAFluxLoRA(f"a LoRA for a transformer {hidden} wide; Flux.1's layers are {hidden_size} wide "
-                           "(another model family, or a Flux.2 LoRA)")
     _check_flux1_ratios(out)
     return Converted(out, tools, len(groups), hidden, sorted(unmatched), sorted(text_encoder), algorithms)
 
