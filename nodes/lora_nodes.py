@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import comfy.lora
@@ -53,6 +54,8 @@ def write_lora(tensors: dict, info: dict, prefix: str, state: TrainingState | No
 
 def apply_lora(model, lora: dict, strength: float, node: str = "Dev2ProApplyLoRA"):
     """A clone of ``model`` with ``lora`` added through ComfyUI's own weight patching."""
+    if not math.isfinite(strength):  # ComfyUI's range check lets NaN through; it would make every sample NaN
+        raise node_error(node, "strength", f"{strength} is not a number. Use a finite strength such as 1.0.")
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     tensors = comfy.lora_convert.convert_lora(dict(lora))
     unmatched = sorted(p for p in layer_prefixes(tensors) if p not in key_map)
@@ -72,6 +75,9 @@ def check_shapes(model, tensors: dict, key_map: dict, node: str) -> None:
         down, up = tensors.get(prefix + ".lora_down.weight"), tensors.get(prefix + ".lora_up.weight")
         if down is None or up is None or isinstance(target, tuple) or target not in state:
             continue
+        if up.shape[1] != down.shape[0]:
+            raise node_error(node, "lora", f"{prefix} has a rank-{down.shape[0]} down-projection but a rank-"
+                             f"{up.shape[1]} up-projection: the file is damaged or mixes two LoRAs. Re-export it.")
         expected = tuple(state[target].shape[:2])
         if (up.shape[0], down.shape[1]) != expected:
             raise node_error(node, "lora", f"{prefix} is {up.shape[0]} x {down.shape[1]}, but this model's layer is "

@@ -156,3 +156,23 @@ def test_load_lora_reads_a_replaced_file_again(comfy, models):
     save_file(tensors, path)
     second = comfy.run(graph)["file"]["text"][0]
     assert "13 Flux.1 modules" in first and "10 Flux.1 modules" in second
+
+
+def test_apply_refuses_mismatched_ranks_and_a_non_finite_strength(comfy, models):
+    """Both used to pass Apply LoRA: ComfyUI only logged the bad layer, and NaN made every sample NaN."""
+    graph = training_graph(models[0], steps=1, prefix="files/nan_strength", seed=41)
+    graph["flux_dev"] = {"class_type": "Dev2ProLoadModel", "inputs": {"model_name": models[1], "weight_dtype": "bf16"}}
+    graph["apply"] = {"class_type": "Dev2ProApplyLoRA", "inputs": {"model": ["flux_dev", 0], "lora": ["train", 0],
+                                                                   "strength": float("nan")}}
+    graph.update(sampling_nodes(["apply", 0], "nan_strength"))
+    with pytest.raises(ExecutionFailed) as error:
+        comfy.run(graph)
+    assert "Dev2ProApplyLoRA (strength): nan is not a number" in error.value.message
+
+    nodes = comfy.pack.nodes
+    flux_dev = nodes.Dev2ProLoadModel.execute(models[1], "bf16").result[0]
+    lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 64),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(192, 3)}
+    with pytest.raises(ValueError, match=r"Dev2ProApplyLoRA \(lora\): lora_unet_double_blocks_0_img_attn_qkv has a "
+                       r"rank-4 down-projection but a rank-3 up-projection"):
+        nodes.Dev2ProApplyLoRA.execute(flux_dev, lora, 1.0)
