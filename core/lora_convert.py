@@ -109,58 +109,59 @@ def in_block(module: str) -> str:
     return re.sub(r"^(double_blocks|single_blocks)\.\d+\.", "", module)
 
 
-def _block_tables():
-    """Dotted and underscored lookups: in-block name -> (BFL in-block module, rows, swapped, diffusers name)."""
+def _lookups():
+    """Name lookups, built once: {(block kind or None for global modules, underscored): {name in a file:
+    (dotted diffusers name or None, BFL module, rows, swapped)}}."""
     tables = {}
-    for bfl_kind, diff_kind, table in (("double_blocks", "transformer_blocks", DOUBLE),
-                                       ("single_blocks", "single_transformer_blocks", SINGLE)):
-        bfl, diff = {}, {}
-        for module, parts in table.items():
-            bfl[module] = (module, None)
-            for name, start, length in parts:
-                diff[name] = (module, None if start is None else (start, length))
-        kind = "double" if bfl_kind == "double_blocks" else "single"
-        for name, (module, rows) in XLABS[kind].items():
-            bfl[name] = (module, rows)
-        tables[bfl_kind] = (bfl, False)
-        tables[diff_kind] = (diff, True)
+    for bfl_kind, diff_kind, table, xlabs in (("double_blocks", "transformer_blocks", DOUBLE, XLABS["double"]),
+                                              ("single_blocks", "single_transformer_blocks", SINGLE, XLABS["single"])):
+        bfl = {module: (None, module, None, False) for module in table}
+        bfl.update({name: (None, module, rows, False) for name, (module, rows) in xlabs.items()})
+        diff = {name: (name, module, None if start is None else (start, length), False)
+                for module, parts in table.items() for name, start, length in parts}
+        for kind, entries in ((bfl_kind, bfl), (diff_kind, diff)):
+            for underscored in (False, True):
+                tables[(kind, underscored)] = {(_underscored(k) if underscored else k): v for k, v in entries.items()}
+    globals_ = {m: (None, m, None, False) for m in GLOBAL}
+    globals_.update({d: (d, m, None, m in SWAPPED) for m, d in GLOBAL.items()})
+    for underscored in (False, True):
+        tables[(None, underscored)] = {(_underscored(k) if underscored else k): v for k, v in globals_.items()}
     return tables
 
 
-BLOCK_TABLES = _block_tables()
-GLOBAL_BFL = {m: m for m in GLOBAL}
-GLOBAL_DIFFUSERS = {d: m for m, d in GLOBAL.items()}
+LOOKUPS = _lookups()
 BLOCK_RE = re.compile(r"^(single_transformer_blocks|transformer_blocks|double_blocks|single_blocks)[._](\d+)[._](.+)$")
 
 
 def resolve(name: str, underscored: bool) -> Target | None:
     """A module name from a file (BFL or diffusers, dotted or underscored) -> its Target, or None."""
     m = BLOCK_RE.match(name)
-    if m:
-        kind, index, rest = m.groups()
-        table, is_diffusers = BLOCK_TABLES[kind]
-        lookup = {(_underscored(k) if underscored else k): v for k, v in table.items()}
-        if rest not in lookup:
-            return None
-        module, rows = lookup[rest]
-        prefix = f"{'double_blocks' if kind in ('double_blocks', 'transformer_blocks') else 'single_blocks'}.{index}."
-        diffusers_name = f"{kind}.{index}.{[k for k, v in table.items() if v == (module, rows)][0]}" if is_diffusers else None
-        return Target(prefix + module, rows, False, diffusers_name)
-    for table, is_diffusers in ((GLOBAL_BFL, False), (GLOBAL_DIFFUSERS, True)):
-        for key, module in table.items():
-            if (_underscored(key) if underscored else key) == name:
-                return Target(module, None, is_diffusers and module in SWAPPED, key if is_diffusers else None)
+    kind, index, rest = m.groups() if m else (None, None, name)
+    entry = LOOKUPS[(kind, underscored)].get(rest)
+    if entry is None:
+        return None
+    diffusers_name, module, rows, swapped = entry
+    if kind is not None:
+        module = f"{'single_blocks' if kind.startswith('single') else 'double_blocks'}.{index}.{module}"
+        diffusers_name = diffusers_name and f"{kind}.{index}.{diffusers_name}"
+    return Target(module, rows, swapped, diffusers_name)
+
+
+def layer_of(key: str, suffixes=None) -> tuple[str, str] | None:
+    """``lora_unet_x.lora_down.weight`` -> (``lora_unet_x``, ``.lora_down.weight``); None if no suffix fits.
+    ``suffixes`` longest first (default: SUFFIXES)."""
+    for suffix in SUFFIXES if suffixes is None else suffixes:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
     return None
 
 
 def split_key(key: str) -> tuple[str, str, str, bool] | None:
     """``transformer.x.lora_A.weight`` -> (tool, ``x``, ``.lora_A.weight``, underscored); None if no suffix fits."""
-    for suffix in SUFFIXES:
-        if key.endswith(suffix):
-            stem = key[: -len(suffix)]
-            break
-    else:
+    split = layer_of(key)
+    if split is None:
         return None
+    stem, suffix = split
     for prefix, underscored, tool in PREFIXES:
         if stem.startswith(prefix):
             return tool, stem[len(prefix):], suffix, underscored
@@ -253,6 +254,11 @@ def _down_up(parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _fp32_alpha(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32)
+
+
+def _kept(suffix: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor handed on as the file has it, except that an alpha becomes an fp32 scalar."""
+    return _fp32_alpha(float(tensor.float().item())) if suffix == ".alpha" else tensor
 
 
 def _merge_lora(layers: list[tuple[Target, dict, float]]) -> dict[str, torch.Tensor]:
@@ -372,7 +378,7 @@ def to_comfy(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None =
         if kinds == {"lora"}:
             scaled = []
             for target, parts, _ in members:
-                down, up = _down_up(parts)
+                down, _ = _down_up(parts)
                 if in_block(module) in HIDDEN_INPUT:
                     widths.add(down.shape[1])
                 scaled.append((target, parts, lora_scale(parts, down.shape[0], peft, target.diffusers_name or module)))
@@ -385,8 +391,7 @@ def to_comfy(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None =
                     out[kohya + (".diff_b" if s == ".lora_B.bias" else s)] = (
                         parts[s].float() * scale if s == ".lora_B.bias" else parts[s])
         elif len(members) == 1 and members[0][0].rows is None and not members[0][0].swapped:
-            for s, t in members[0][1].items():
-                out[kohya + s] = _fp32_alpha(float(t.float().item())) if s == ".alpha" else t
+            out.update({kohya + s: _kept(s, t) for s, t in members[0][1].items()})
         else:  # LyCORIS on a split diffusers layer: ComfyUI's key map applies it to the rows it names
             for target, parts, (tool, name, underscored) in members:
                 if target.diffusers_name is None or target.swapped:
@@ -398,8 +403,7 @@ def to_comfy(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None =
                     out.update({layer + ".lora_down.weight": down, layer + ".lora_up.weight": up,
                                 layer + ".alpha": _fp32_alpha(scale * down.shape[0])})
                     continue
-                for s, t in parts.items():
-                    out[layer + s] = _fp32_alpha(float(t.float().item())) if s == ".alpha" else t
+                out.update({layer + s: _kept(s, t) for s, t in parts.items()})
     hidden = max(widths) if widths else None
     _check_flux1_ratios(out)
     return Converted(out, tools, len(groups), hidden, sorted(unmatched), sorted(text_encoder), algorithms)
@@ -446,12 +450,14 @@ def to_diffusers(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     Raises ValueError naming a layer that is not a plain LoRA on a Flux.1 module.
     """
     out, ranks, alphas = {}, {}, {}
-    layers = sorted({k[: -len(s)] for k in tensors for s in SUFFIXES if k.endswith(s)})
-    for layer in layers:
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        layer, suffix = layer_of(key) or (key, "")
+        layers.setdefault(layer, {})[suffix] = tensor
+    for layer, parts in sorted(layers.items()):
         module = bfl_module(layer)
-        down, up, alpha = (tensors.get(layer + s) for s in (".lora_down.weight", ".lora_up.weight", ".alpha"))
-        extra = {k for k in tensors if k.startswith(layer + ".")} - {layer + s for s in (".lora_down.weight", ".lora_up.weight", ".alpha")}
-        if module is None or down is None or up is None or extra:
+        down, up, alpha = (parts.pop(s, None) for s in (".lora_down.weight", ".lora_up.weight", ".alpha"))
+        if module is None or down is None or up is None or parts:
             raise ValueError(f"{layer} is not a plain LoRA on a Flux.1 module; the diffusers format holds only those")
         rank = down.shape[0]
         alpha = float(alpha.float().item()) if alpha is not None else float(rank)

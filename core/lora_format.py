@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .lora_convert import SUFFIXES, Converted, to_comfy, to_diffusers
+from .lora_convert import SUFFIXES, Converted, layer_of, to_comfy, to_diffusers
 
-# Suffixes ComfyUI's loader reads beyond lora_convert's (comfy/lora.py).
-LAYER_SUFFIXES = (".set_weight", ".reshape_weight", ".w_norm", ".b_norm")
+# With the suffixes ComfyUI's loader reads beyond lora_convert's (comfy/lora.py), longest first.
+ALL_SUFFIXES = sorted(SUFFIXES + [".set_weight", ".reshape_weight", ".w_norm", ".b_norm"], key=len, reverse=True)
 
 KOHYA_PREFIX = "lora_unet_"
 DOWN = ".lora_down.weight"
@@ -171,15 +171,7 @@ def save_new_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[st
 
 def layer_prefixes(tensors: dict) -> set[str]:
     """The layer names a LoRA file addresses: ``lora_unet_x.lora_down.weight`` -> ``lora_unet_x``."""
-    prefixes = set()
-    for key in tensors:
-        for suffix in LAYER_SUFFIXES + tuple(SUFFIXES):
-            if key.endswith(suffix):
-                prefixes.add(key[: -len(suffix)])
-                break
-        else:
-            prefixes.add(key)
-    return prefixes
+    return {(layer_of(key, ALL_SUFFIXES) or (key, ""))[0] for key in tensors}
 
 
 # A training state is a safetensors file beside its LoRA, with an extension LoRA lists ignore.
