@@ -9,7 +9,7 @@ probability 1, and a full-size delta (up to 264 MB) is built only where ComfyUI'
 """
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import math
 import os
@@ -54,6 +54,7 @@ def diffusers_flux():
     return transformer
 
 
+@functools.cache
 def diffusers_map() -> dict:
     """diffusers weight name -> (BFL weight name, rows slice or None, row transform or None), from ComfyUI."""
     import comfy.utils

@@ -67,10 +67,10 @@ def measure(lab, row, name, truth):
     return result
 
 
-def assert_exact_for_ours(result, tolerance):
+def assert_exact_for_ours(result):
     ours = result["ours"]
     assert ours["modules"] == ours["of"], result["report"]
-    assert ours["error"] <= tolerance, ours
+    assert ours["error"] <= EXACT, ours
     assert "not applied" not in result["report"], result["report"]
 
 
@@ -79,7 +79,6 @@ def assert_exact_for_ours(result, tolerance):
 # of the largest entry (measured: at most 1.2e-6). A wrong scale, a lost row or a swapped block is >= 1e-3: a bf16
 # rounding of the scale is 2^-9, the smallest alpha mismatch in the table is 0.18 %.
 EXACT = 1e-5
-FP32_ORDER = EXACT
 
 
 def test_our_kohya_file(lab):
@@ -89,7 +88,7 @@ def test_our_kohya_file(lab):
     nodes.Dev2ProSaveLoRA.execute(from_trainer, "interop/ours_kohya", format="kohya")
     result = measure(lab, "ours, kohya (Save LoRA)", "interop/ours_kohya_00001.safetensors",
                      ref.kohya_truth(tensors, ref.kohya_names(lab["shapes"]).__getitem__))
-    assert_exact_for_ours(result, EXACT)
+    assert_exact_for_ours(result)
     assert result["comfyui"]["error"] <= EXACT
     assert result["diffusers"]["modules"] == result["diffusers"]["of"], result["diffusers_error"]
 
@@ -101,10 +100,10 @@ def test_our_diffusers_file(lab):
                                   "interop/ours_diffusers", format="diffusers")
     result = measure(lab, "ours, diffusers (Save LoRA)", "interop/ours_diffusers_00001.safetensors",
                      ref.kohya_truth(tensors, ref.kohya_names(lab["shapes"]).__getitem__))
-    assert_exact_for_ours(result, EXACT)
+    assert_exact_for_ours(result)
     # The point of the format: diffusers and ComfyUI apply it at the exact scale, every key matched.
-    assert result["diffusers"]["modules"] == result["diffusers"]["of"] and result["diffusers"]["error"] <= FP32_ORDER
-    assert result["comfyui"]["error"] <= FP32_ORDER and result["comfyui_keys_not_loaded"] == 0
+    assert result["diffusers"]["modules"] == result["diffusers"]["of"] and result["diffusers"]["error"] <= EXACT
+    assert result["comfyui"]["error"] <= EXACT and result["comfyui_keys_not_loaded"] == 0
 
 
 def peft_config(rank=4, alpha=8.0, **extra):
@@ -136,8 +135,8 @@ def test_diffusers_training_script_file(lab, peft_source):
                                    transformer_lora_adapter_metadata=config.to_dict())
     result = measure(lab, "diffusers training scripts (metadata alpha)",
                      "interop/diffusers_script/pytorch_lora_weights.safetensors", truth)
-    assert_exact_for_ours(result, FP32_ORDER)
-    assert result["diffusers"]["error"] <= FP32_ORDER  # the reference reads its own file exactly
+    assert_exact_for_ours(result)
+    assert result["diffusers"]["error"] <= EXACT  # the reference reads its own file exactly
     assert abs(result["comfyui"]["error"] - 0.5) < 1e-3  # ComfyUI ignores the metadata: rank/alpha = 0.5x
 
 
@@ -148,7 +147,7 @@ def test_diffusers_save_lora_adapter_file(lab, peft_source):
     transformer.save_lora_adapter(folder, adapter_name="default")
     result = measure(lab, "diffusers save_lora_adapter (no prefix)",
                      "interop/save_lora_adapter/pytorch_lora_weights.safetensors", truth)
-    assert_exact_for_ours(result, FP32_ORDER)
+    assert_exact_for_ours(result)
 
 
 def test_peft_file_without_alpha(lab):
@@ -164,7 +163,7 @@ def test_peft_file_without_alpha(lab):
     FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer))
     result = measure(lab, "ai-toolkit style (transformer., no alpha)", "interop/no_alpha/pytorch_lora_weights.safetensors",
                      truth)
-    assert_exact_for_ours(result, FP32_ORDER)
+    assert_exact_for_ours(result)
 
 
 def test_peft_save_pretrained_folder(lab):
@@ -180,7 +179,7 @@ def test_peft_save_pretrained_folder(lab):
         assert json.load(f)["lora_alpha"] == 8.0
     result = measure(lab, "peft save_pretrained folder (adapter_config.json)",
                      "interop/peft_folder/adapter_model.safetensors", truth)
-    assert_exact_for_ours(result, FP32_ORDER)
+    assert_exact_for_ours(result)
 
 
 @pytest.fixture
@@ -211,27 +210,27 @@ def test_kohya_lora_written_by_lycoris(lab, comfy_blocks):
     """kohya's layout as LyCORIS writes it for sd-scripts (lora_unet_ on BFL modules), alpha / rank = 0.75."""
     result = lycoris_row(lab, comfy_blocks, "kohya / sd-scripts (lora_unet_, LyCORIS lora)", "interop/kohya_lycoris.safetensors",
                          "lora_unet", "lora", 4, False, linear_dim=8, linear_alpha=6)
-    assert_exact_for_ours(result, EXACT)
+    assert_exact_for_ours(result)
 
 
 def test_onetrainer_naming_written_by_lycoris(lab, diffusers_blocks):
     """OneTrainer's legacy layout: lora_transformer_ + diffusers names, q/k/v split, per-module alpha."""
     result = lycoris_row(lab, diffusers_blocks, "OneTrainer legacy (lora_transformer_)", "interop/onetrainer.safetensors",
                          "lora_transformer", "lora", 5, True, linear_dim=8, linear_alpha=6)
-    assert_exact_for_ours(result, FP32_ORDER)
+    assert_exact_for_ours(result)
 
 
 def test_simpletuner_lokr(lab, diffusers_blocks):
     """SimpleTuner's LyCORIS example: full-matrix LoKr, factor 16, lycoris_ + diffusers names."""
     result = lycoris_row(lab, diffusers_blocks, "SimpleTuner LyCORIS LoKr (lycoris_)", "interop/simpletuner_lokr.safetensors",
                          "lycoris", "lokr", 6, True, linear_dim=10000, linear_alpha=1, factor=16, full_matrix=True)
-    assert_exact_for_ours(result, FP32_ORDER)
+    assert_exact_for_ours(result)
 
 
 def test_loha_kohya_names(lab, comfy_blocks):
     result = lycoris_row(lab, comfy_blocks, "LyCORIS LoHa (lora_unet_)", "interop/loha.safetensors",
                          "lora_unet", "loha", 7, False, linear_dim=4, linear_alpha=2)
-    assert_exact_for_ours(result, FP32_ORDER)
+    assert_exact_for_ours(result)
 
 
 def test_comfyui_trainer_file(lab):
@@ -263,7 +262,7 @@ def test_comfyui_trainer_file(lab):
     shutil.copy(os.path.join(folder_paths.get_output_directory(), "loras", written),
                 lab["comfy"].path("loras", "interop", "comfyui.safetensors"))
     result = measure(lab, "ComfyUI Train LoRA + Save LoRA Weights (diffusion_model.)", "interop/comfyui.safetensors", truth)
-    assert_exact_for_ours(result, FP32_ORDER)
+    assert_exact_for_ours(result)
 
 
 def xlabs_file(lab, name, double, single, seed, rank=4):
@@ -303,14 +302,14 @@ def xlabs_file(lab, name, double, single, seed, rank=4):
 def test_xlabs_full(lab):
     truth = xlabs_file(lab, "interop/xlabs_full.safetensors", range(19), range(38), seed=9)
     result = measure(lab, "XLabs x-flux, all blocks", "interop/xlabs_full.safetensors", truth)
-    assert_exact_for_ours(result, FP32_ORDER)
+    assert_exact_for_ours(result)
 
 
 def test_xlabs_partial(lab):
     """x-flux's train_configs/test_lora.yaml: double_blocks null (all), single_blocks "1,2,3,4"."""
     truth = xlabs_file(lab, "interop/xlabs_partial.safetensors", range(19), (1, 2, 3, 4), seed=10)
     result = measure(lab, "XLabs x-flux, some blocks (test_lora.yaml)", "interop/xlabs_partial.safetensors", truth)
-    assert_exact_for_ours(result, FP32_ORDER)
+    assert_exact_for_ours(result)
 
 
 # --- files that are not Flux.1 LoRAs, and keys that are not applied ------------------------------------------------
