@@ -49,4 +49,31 @@ class TestDev2ProLatents:
         return ({"samples": samples},)
 
 
-NODE_CLASS_MAPPINGS = {"TestDev2ProConditioning": TestDev2ProConditioning, "TestDev2ProLatents": TestDev2ProLatents}
+class _Zero(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+
+    def forward(self, x):
+        return torch.zeros(*x.shape[:-1], self.width, dtype=x.dtype, device=x.device)
+
+
+class TestDev2ProCutGuidance:
+    """A copy of a Flux MODEL whose guidance embedder outputs zeros (a ComfyUI object patch): guidance has no effect."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "cut"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def cut(self, model):
+        patched = model.clone()
+        patched.add_object_patch("diffusion_model.guidance_in", _Zero(model.model.diffusion_model.hidden_size))
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {"TestDev2ProConditioning": TestDev2ProConditioning, "TestDev2ProLatents": TestDev2ProLatents,
+                       "TestDev2ProCutGuidance": TestDev2ProCutGuidance}
