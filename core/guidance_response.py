@@ -171,6 +171,8 @@ def verdict(base: Curve, other: Curve | None) -> str:
 def report(base: Curve, other: Curve | None, settings: CheckSettings, prompts: int) -> dict:
     return {"verdict": verdict(base, other), "verdict_guidance": verdict_guidance(base.guidances),
             "kept_range": list(KEPT), "base": base.to_dict(), "with_lora": other.to_dict() if other else None,
+            "with_lora_share_of_base": [None if b < FLAT else o / b for b, o in zip(base.prediction, other.prediction)]
+            if other else None,
             "settings": {"guidance_values": list(settings.guidances), "noise_levels": list(settings.noise_levels),
                          "seeds": settings.seeds, "seed": settings.seed, "width": settings.width,
                          "height": settings.height, "prompts": prompts}}
