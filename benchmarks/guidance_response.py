@@ -65,7 +65,7 @@ def check(pack, base, with_lora, conditioning, resolution: int, card_gib: float 
     start = time.perf_counter()
     node = pack.nodes.guidance_nodes.Dev2ProGuidanceResponse
     out = call_v3(node, {"UNIQUE_ID": "check"}, model=base, model_b=with_lora, conditioning=conditioning,
-                  guidance_values="1, 2, 3.5, 5, 7", noise_levels="0.5, 0.75, 0.9", seeds=2, seed=0,
+                  guidance_values="1, 2, 3.5, 5, 7", noise_levels="0.5, 0.75, 0.9", seeds=2, first_seed=0,
                   width=resolution, height=resolution)
     if CUDA:
         torch.cuda.synchronize()

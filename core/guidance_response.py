@@ -57,8 +57,8 @@ SETTINGS = {
                                "reference and is always measured; the verdict is read at 3.5 (or the largest value)."),
     "noise_levels": Setting("0.5, 0.75, 0.9", "Noise levels (sigma, 0 < sigma <= 1) the latents are noised to, "
                             "separated by commas. Guidance acts most at high noise."),
-    "seeds": Setting(2, "Noise seeds per noise level, drawn from 'seed' on: more average out more noise.", 1, 16, 1),
-    "seed": Setting(0, "First noise seed; the same seeds are used for both models.", 0, 0xFFFFFFFFFFFFFFFF, 1),
+    "seeds": Setting(2, "Noise seeds per noise level, counted from 'first_seed': more average out more noise.", 1, 16, 1),
+    "first_seed": Setting(0, "First noise seed; both models see the same seeds.", 0, 0xFFFFFFFFFFFFFFFF, 1),
     "width": Setting(1024, "Image width in pixels of the latents measured on (ignored when 'latent' is connected).",
                      64, 4096, 16),
     "height": Setting(1024, "Image height in pixels (ignored when 'latent' is connected).", 64, 4096, 16),
@@ -100,7 +100,7 @@ class CheckSettings:
     height: int
 
     @classmethod
-    def parse(cls, guidance_values: str, noise_levels: str, seeds: int, seed: int, width: int, height: int):
+    def parse(cls, guidance_values: str, noise_levels: str, seeds: int, first_seed: int, width: int, height: int):
         guidances = parse_values("guidance_values", guidance_values, 0.0, 100.0, False, MAX_GUIDANCE_VALUES)
         if guidances == [REFERENCE_GUIDANCE]:
             raise ResponseInputError("guidance_values", "give at least one value besides 1.0, e.g. '1, 2, 3.5, 5, 7'")
@@ -109,7 +109,7 @@ class CheckSettings:
             s = SETTINGS[name]
             if not s.low <= value <= s.high:
                 raise ResponseInputError(name, f"{value} is outside {s.low:g}..{s.high:g}")
-        return cls(tuple(sorted(set(guidances) | {REFERENCE_GUIDANCE})), tuple(levels), seeds, seed, width, height)
+        return cls(tuple(sorted(set(guidances) | {REFERENCE_GUIDANCE})), tuple(levels), seeds, first_seed, width, height)
 
     @property
     def forwards(self) -> int:
@@ -174,7 +174,7 @@ def report(base: Curve, other: Curve | None, settings: CheckSettings, prompts: i
             "with_lora_share_of_base": [None if b < FLAT else o / b for b, o in zip(base.prediction, other.prediction)]
             if other else None,
             "settings": {"guidance_values": list(settings.guidances), "noise_levels": list(settings.noise_levels),
-                         "seeds": settings.seeds, "seed": settings.seed, "width": settings.width,
+                         "seeds": settings.seeds, "first_seed": settings.seed, "width": settings.width,
                          "height": settings.height, "prompts": prompts}}
 
 

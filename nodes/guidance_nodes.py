@@ -13,10 +13,9 @@ from .train_nodes import pil_to_image
 NODE = "Dev2ProGuidanceResponse"
 
 
-def _int_input(name: str, **extra):
+def _int_input(name: str):
     s = SETTINGS[name]
-    return io.Int.Input(name, default=s.default, min=int(s.low), max=int(s.high), step=int(s.step), tooltip=s.help,
-                        **extra)
+    return io.Int.Input(name, default=s.default, min=int(s.low), max=int(s.high), step=int(s.step), tooltip=s.help)
 
 
 class Dev2ProGuidanceResponse(io.ComfyNode):
@@ -38,7 +37,7 @@ class Dev2ProGuidanceResponse(io.ComfyNode):
                 io.String.Input("noise_levels", default=SETTINGS["noise_levels"].default,
                                 tooltip=SETTINGS["noise_levels"].help),
                 _int_input("seeds"),
-                _int_input("seed", control_after_generate=False),
+                _int_input("first_seed"),
                 _int_input("width"),
                 _int_input("height"),
                 io.Model.Input("model_b", optional=True, tooltip="The same Flux-dev with the LoRA applied (Apply "
@@ -53,13 +52,14 @@ class Dev2ProGuidanceResponse(io.ComfyNode):
                                  "LoRA keeps at 3.5."),
             ],
             hidden=[io.Hidden.unique_id],
+            is_output_node=True,  # runs and shows its plot with nothing connected to its outputs
         )
 
     @classmethod
-    def execute(cls, model, conditioning, guidance_values, noise_levels, seeds, seed, width, height, model_b=None,
+    def execute(cls, model, conditioning, guidance_values, noise_levels, seeds, first_seed, width, height, model_b=None,
                 latent=None) -> io.NodeOutput:
         try:
-            settings = CheckSettings.parse(guidance_values, noise_levels, seeds, seed, width, height)
+            settings = CheckSettings.parse(guidance_values, noise_levels, seeds, first_seed, width, height)
             prompts = prompts_of(conditioning)
             check_model("model", model, prompts)
             if model_b is not None:

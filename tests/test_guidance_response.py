@@ -16,7 +16,7 @@ from conftest import ExecutionFailed
 from graphs import sampling_nodes
 
 NODE = "Dev2ProGuidanceResponse"
-CHECK = {"guidance_values": "1, 2, 3.5, 5", "noise_levels": "0.5, 0.9", "seeds": 2, "seed": 3, "width": 64,
+CHECK = {"guidance_values": "1, 2, 3.5, 5", "noise_levels": "0.5, 0.9", "seeds": 2, "first_seed": 3, "width": 64,
          "height": 64}
 MODULATION_FREE = ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_mlp.0", "double_blocks.0.img_attn.proj",
                    "single_blocks.0.linear1", "single_blocks.0.linear2")
