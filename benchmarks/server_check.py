@@ -1,5 +1,6 @@
 """The shipped API workflow through a real ``main.py`` server on the machine's GPU, as users run it: ComfyUI's
-defaults (on 0.33+ with comfy-aimdo: dynamic VRAM on), previews during training, save, apply to Flux-dev, sample.
+defaults (on 0.33+ with comfy-aimdo: dynamic VRAM on), previews during training, save, apply to Flux-dev, sample,
+and the guidance-response check of Flux-dev against Flux-dev with the LoRA.
 
 Two variants on one server, one JSON line each:
 - ``pack``: the shipped graph on scripts/demo.py's small random models (Dev2ProLoadModel for both models);
@@ -51,6 +52,9 @@ def prompt_for(variant: str, steps: int) -> dict:
         "sampler_name": "euler", "scheduler": "simple"}}
     prompt["9"]["inputs"]["previews"] = ["previews", 0]
     prompt["previews_out"] = {"class_type": "PreviewImage", "inputs": {"images": ["9", 2]}}
+    prompt["check"] = {"class_type": "Dev2ProGuidanceResponse", "inputs": {
+        "model": ["12", 0], "model_b": ["13", 0], "conditioning": ["14", 0], "guidance_values": "1, 2, 3.5",
+        "noise_levels": "0.5, 0.9", "seeds": 2, "first_seed": 0, "width": 64, "height": 64}}
     prompt["10"]["inputs"]["filename_prefix"] = f"dev2pro/check_{variant}"
     prompt["20"]["inputs"]["filename_prefix"] = f"dev2pro/check_{variant}_sample"
     if variant == "core":
@@ -88,7 +92,9 @@ def main() -> None:
                 row["lora_files"] = [f for ui in outputs.values() for f in ui.get("lora_files", [])]
                 row["preview_images"] = len(outputs.get("previews_out", {}).get("images", []))
                 row["sample_images"] = len(outputs.get("20", {}).get("images", []))
-                row["ok"] = bool(row["lora_files"]) and row["preview_images"] > 0 and row["sample_images"] == 1
+                row["guidance_check_plots"] = len(outputs.get("check", {}).get("images", []))
+                row["ok"] = bool(row["lora_files"]) and row["preview_images"] > 0 and row["sample_images"] == 1 and \
+                    row["guidance_check_plots"] == 1
             except Exception as e:  # noqa: BLE001  the row says what failed; the next variant still runs
                 row["ok"], row["error"] = False, str(e)[:3000]
             row["seconds"] = round(time.time() - start, 1)
