@@ -48,8 +48,9 @@ def train(pack, patcher, data, guidance: float, steps: int, rank: int) -> tuple[
     out = call_v3(pack.nodes.train_nodes.Dev2ProTrainLoRA, {"UNIQUE_ID": "train"}, model=model, dataset=data,
                   steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank), seed=0, gradient_checkpointing=True)
     losses = out.args[3].losses
-    row = {"run": "train", "training_guidance": guidance, "steps": steps, "rank": rank, "seconds": round(
-        time.perf_counter() - start, 1), "loss_first_10": statistics.fmean(losses[:10]), "loss_last_10": statistics.fmean(losses[-10:])}
+    row = {"run": "train", "training_guidance": guidance, "steps": steps, "rank": rank,
+           "seconds": round(time.perf_counter() - start, 1), "loss_first_10": statistics.fmean(losses[:10]),
+           "loss_last_10": statistics.fmean(losses[-10:])}
     return out.args[0], row
 
 
@@ -70,7 +71,8 @@ def check(pack, base, with_lora, conditioning, resolution: int, card_gib: float 
     if CUDA:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() - (placeholder.numel() if placeholder is not None else 0)) / GIB if CUDA else 0
+    reserved = placeholder.numel() if placeholder is not None else 0
+    peak = (torch.cuda.max_memory_allocated() - reserved) / GIB if CUDA else 0
     del placeholder
     numbers = json.loads(out.args[1])
     return {"seconds": round(seconds, 1), "peak_gib": round(peak, 2), "emulated_card_gib": card_gib,

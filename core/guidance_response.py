@@ -95,7 +95,7 @@ class CheckSettings:
     guidances: tuple[float, ...]  # always holds REFERENCE_GUIDANCE
     noise_levels: tuple[float, ...]
     seeds: int
-    seed: int
+    first_seed: int
     width: int
     height: int
 
@@ -174,7 +174,7 @@ def report(base: Curve, other: Curve | None, settings: CheckSettings, prompts: i
             "with_lora_share_of_base": [None if b < FLAT else o / b for b, o in zip(base.prediction, other.prediction)]
             if other else None,
             "settings": {"guidance_values": list(settings.guidances), "noise_levels": list(settings.noise_levels),
-                         "seeds": settings.seeds, "first_seed": settings.seed, "width": settings.width,
+                         "seeds": settings.seeds, "first_seed": settings.first_seed, "width": settings.width,
                          "height": settings.height, "prompts": prompts}}
 
 
@@ -217,6 +217,13 @@ def check_model(input_name: str, model_patcher, prompts) -> None:
                                      f"and {params.vec_in_dim}. Encode with the Flux text encoders")
 
 
+def check_latent(model_patcher, x0: torch.Tensor) -> None:
+    channels = model_patcher.get_model_object("latent_format").latent_channels
+    if x0.ndim != 4 or x0.shape[1] != channels:
+        raise ResponseInputError("latent", f"the latent has shape {tuple(x0.shape)}; Flux latents have {channels} "
+                                 "channels. Encode the image with the Flux VAE")
+
+
 def _modulation_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(name, m) for name, m in transformer.named_modules() if MODULATION.search(name)]
 
@@ -237,7 +244,8 @@ def measure(model_patcher, prompts, settings: CheckSettings, x0: torch.Tensor | 
             on_forward: Callable[[], None] | None = None) -> Curve:
     """The guidance-response curve of ``model_patcher`` (a Flux-dev ModelPatcher, LoRAs applied or not).
 
-    ``x0``: a LATENT's samples (first image used) to noise; else the empty latent samplers start from.
+    ``x0``: a LATENT's samples (first image used; ``check_latent`` passed) to noise; else the empty latent samplers
+    start from.
     ``on_forward`` runs after every forward (progress, Cancel). The MODEL is left as it was: nothing is patched,
     and the forward hooks that read the modulation vectors are removed again.
     """
@@ -248,8 +256,8 @@ def measure(model_patcher, prompts, settings: CheckSettings, x0: torch.Tensor | 
     else:
         latent = x0[:1].float().cpu()
     latent = latent.repeat(settings.seeds, *([1] * (latent.ndim - 1)))
-    noise = torch.stack([torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed((settings.seed + k) % 2**64))
-                         for k in range(settings.seeds)])
+    seeds = [(settings.first_seed + k) % 2**64 for k in range(settings.seeds)]
+    noise = torch.stack([torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
     step = _OneStep()
     sampler = comfy.samplers.KSAMPLER(step)
     captured: dict[str, torch.Tensor] = {}
@@ -273,7 +281,7 @@ def measure(model_patcher, prompts, settings: CheckSettings, x0: torch.Tensor | 
                     captured.clear()
                     cond = [[context, {"pooled_output": pooled, "guidance": g}]]
                     comfy.sample.sample_custom(model_patcher, noise, 1.0, sampler, torch.tensor([sigma, 0.0]), cond,
-                                               cond, latent, disable_pbar=True, seed=settings.seed)
+                                               cond, latent, disable_pbar=True, seed=seeds[0])
                     v = ((step.x - step.denoised) / sigma).flatten(1)
                     m = torch.cat([captured[name] for name in sorted(captured)]) if captured else torch.zeros(1)
                     if reference_v is None:

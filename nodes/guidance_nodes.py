@@ -4,8 +4,8 @@ from __future__ import annotations
 import comfy.utils
 from comfy_api.latest import io, ui
 
-from ..core.guidance_response import (SETTINGS, CheckSettings, ResponseInputError, check_model, measure, prompts_of,
-                                      report, to_json, verdict)
+from ..core.guidance_response import (SETTINGS, CheckSettings, ResponseInputError, check_latent, check_model, measure,
+                                      prompts_of, report, to_json, verdict)
 from ..core.response_plot import draw_response
 from .common import CATEGORY, node_error
 from .train_nodes import pil_to_image
@@ -64,9 +64,11 @@ class Dev2ProGuidanceResponse(io.ComfyNode):
             check_model("model", model, prompts)
             if model_b is not None:
                 check_model("model_b", model_b, prompts)
+            x0 = latent["samples"] if latent is not None else None
+            if x0 is not None:
+                check_latent(model, x0)
         except ResponseInputError as e:
             raise node_error(NODE, e.input_name, str(e)) from e
-        x0 = latent["samples"] if latent is not None else None
         models = [model] + ([model_b] if model_b is not None else [])
         progress = comfy.utils.ProgressBar(settings.forwards * len(prompts) * len(models), node_id=cls.hidden.unique_id)
         curves = [measure(m, prompts, settings, x0, on_forward=lambda: progress.update(1)) for m in models]

@@ -180,3 +180,25 @@ def test_every_input_error_names_the_node_and_the_input(comfy, files, change, in
     message = error.value.message
     assert message.startswith(f"{NODE} ({input_name}): "), message
     assert words in message, message
+
+
+def test_a_latent_that_is_not_a_flux_latent_names_the_input(comfy, files):
+    graph = {**load(files["dev"]), **check_graph(),
+             "sd_latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    graph["check"]["inputs"]["latent"] = ["sd_latent", 0]
+    with pytest.raises(ExecutionFailed) as error:
+        comfy.run(graph)
+    assert error.value.message.startswith(f"{NODE} (latent): "), error.value.message
+    assert "16 channels" in error.value.message
+
+
+@pytest.mark.parametrize("base, lora, expected", [
+    ([0, 0.2, 0.4], [0, 0.1, 0.38], "guidance response kept: 95 % of base at 3.5"),
+    ([0, 0.2, 0.4], [0, 0.1, 0.2], "guidance response reduced to 50 % of base at 3.5"),
+    ([0, 0.2, 0.4], [0, 0.3, 0.6], "guidance response exaggerated: 150 % of base at 3.5"),
+    ([0, 0.2, 0.4], [0, 0.45, 0.4], "guidance response kept: 100 % of base at 3.5; no longer monotone in guidance"),
+])
+def test_the_verdict_reads_both_curves_at_3_5(core, base, lora, expected):
+    gr = core.guidance_response
+    curves = [gr.Curve([1.0, 2.0, 3.5], p, p) for p in (base, lora)]
+    assert gr.verdict(*curves) == expected
