@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import random_models
 from conftest import ExecutionFailed
 from graphs import sampling_nodes
+from test_core_loaders import narrowest_detected_flux
 
 NODE = "Dev2ProGuidanceResponse"
 CHECK = {"guidance_values": "1, 2, 3.5, 5", "noise_levels": "0.5, 0.9", "seeds": 2, "first_seed": 3, "width": 64,
@@ -47,6 +48,16 @@ def files(comfy):
         "mod_lora": "response/" + lora_file(comfy.path("loras", "response", "mod.safetensors"),
                                             ("double_blocks.0.img_mod.lin", "single_blocks.0.modulation.lin"), 2),
     }
+
+
+@pytest.fixture(scope="module")
+def schnell(comfy):
+    """A Flux without guidance input that ComfyUI's own Load Diffusion Model reads (its narrowest detected width)."""
+    config = dict(narrowest_detected_flux(), guidance_embed=False)
+    path = random_models.write_flux(comfy.path("diffusion_models", "response_schnell.safetensors"), config, seed=23,
+                                    dtype=torch.float8_e4m3fn)
+    yield os.path.basename(path)
+    os.remove(path)
 
 
 def load(name, node_id="dev"):
@@ -168,12 +179,16 @@ def test_an_encoded_latent_replaces_the_empty_one(comfy, files):
     ({"context_dim": 64}, "conditioning", "Encode with the Flux text encoders"),
     ({"model": ["fixed", 0]}, "model", "fixed by Training Guidance"),
     ({"model_b": ["fixed", 0]}, "model_b", "fixed by Training Guidance"),
+    ({"model": ["schnell", 0]}, "model", "no guidance input"),
 ])
-def test_every_input_error_names_the_node_and_the_input(comfy, files, change, input_name, words):
+def test_every_input_error_names_the_node_and_the_input(comfy, files, change, input_name, words, request):
     change = dict(change)
     graph = {**load(files["dev"]),
              "fixed": {"class_type": "Dev2ProTrainingGuidance", "inputs": {"model": ["dev", 0], "guidance": 1.0}},
              **check_graph(context_dim=change.pop("context_dim", 48))}
+    if change.get("model") == ["schnell", 0]:
+        graph["schnell"] = {"class_type": "UNETLoader", "inputs": {"unet_name": request.getfixturevalue("schnell"),
+                                                                   "weight_dtype": "default"}}
     graph["check"]["inputs"].update(change)
     with pytest.raises(ExecutionFailed) as error:
         comfy.run(graph)
