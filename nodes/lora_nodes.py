@@ -14,6 +14,7 @@ from ..core.lora_convert import NotAFluxLoRA
 from ..core.lora_format import (FORMATS, STATE_EXTENSION, TrainedLoRA, file_tensors, layer_prefixes,
                                 load_training_state, lora_metadata, next_free_path, read_lora_file, save_new_file,
                                 save_training_state, state_path_for)
+from ..core.paths import OutsideFolder, find_in_folders
 from ..core.training import TrainConfig, TrainingState
 from .common import CATEGORY, TrainingStateType, node_error
 
@@ -225,12 +226,13 @@ class Dev2ProLoadTrainingState(io.ComfyNode):
 
     @classmethod
     def execute(cls, state_file) -> io.NodeOutput:
-        for directory in folder_paths.get_folder_paths("loras"):
-            path = os.path.join(directory, state_file)
-            if os.path.isfile(path):
-                break
-        else:
-            raise node_error("Dev2ProLoadTrainingState", "state_file", f"'{state_file}' is not in models/loras.")
+        try:
+            path = find_in_folders(folder_paths.get_folder_paths("loras"), state_file, "models/loras")
+        except OutsideFolder as e:
+            raise node_error("Dev2ProLoadTrainingState", "state_file", f"{e}.") from e
+        if path is None:
+            raise node_error("Dev2ProLoadTrainingState", "state_file", f"'{state_file}' is not in models/loras. Save "
+                             "a state with Save LoRA's training_state input, then refresh (press R).")
         try:
             parts = load_training_state(path)
         except ValueError as e:

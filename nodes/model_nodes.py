@@ -1,7 +1,6 @@
 """Loading Flux-dev2pro and fixing the guidance value training sees."""
 from __future__ import annotations
 
-import os
 import re
 
 import torch
@@ -10,6 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core.flux_files import WEIGHT_DTYPES, FluxFileError, load_flux_model
+from ..core.paths import OutsideFolder, find_in_folders
 from ..core.training import GUIDANCE_OPTION
 from .common import CATEGORY, MODEL_NAME_OPTION, node_error
 
@@ -32,11 +32,10 @@ def model_choices() -> list[str]:
 
 
 def resolve_model_path(name: str) -> str | None:
-    for base in folder_paths.get_folder_paths("diffusion_models"):
-        path = os.path.join(base, name)
-        if os.path.exists(path):
-            return path
-    return None
+    """The file or diffusers folder ``name`` inside models/diffusion_models (or models/unet); OutsideFolder for a
+    name that leaves them."""
+    return find_in_folders(folder_paths.get_folder_paths("diffusion_models"), name, "models/diffusion_models",
+                           want_dir=True)
 
 
 class Dev2ProLoadModel(io.ComfyNode):
@@ -61,7 +60,10 @@ class Dev2ProLoadModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
-        path = resolve_model_path(model_name)
+        try:
+            path = resolve_model_path(model_name)
+        except OutsideFolder as e:
+            raise node_error("Dev2ProLoadModel", "model_name", f"{e}.") from e
         if path is None:
             raise node_error("Dev2ProLoadModel", "model_name", f"'{model_name}' is not in models/diffusion_models or "
                              "models/unet. Put the Flux-dev2pro file there and refresh (press R).")

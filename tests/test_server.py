@@ -8,6 +8,25 @@ import demo
 from comfy_inprocess import comfyui_path
 
 
+HOSTILE_PROMPTS = {
+    "model_name": {"load": {"class_type": "Dev2ProLoadModel", "inputs": {"model_name": "../vae/ae.safetensors",
+                                                                         "weight_dtype": "bf16"}},
+                   "show": {"class_type": "PreviewAny", "inputs": {"source": ["load", 0]}}},
+    "state_file": {"state": {"class_type": "Dev2ProLoadTrainingState", "inputs": {"state_file": "/etc/passwd"}},
+                   "show": {"class_type": "PreviewAny", "inputs": {"source": ["state", 0]}}},
+}
+
+
+def refusal(server, prompt) -> str:
+    """Why the server did not run ``prompt``: its validation (0.33+ checks combo values) or the node's error."""
+    try:
+        answer = server.queue(prompt)
+        server.wait(answer["prompt_id"], 60)
+    except RuntimeError as e:
+        return str(e)
+    return "it ran"
+
+
 def test_api_workflow_runs_through_a_real_server(tmp_path):
     served = {}
 
@@ -15,6 +34,7 @@ def test_api_workflow_runs_through_a_real_server(tmp_path):
         script = next(e for e in server.get("/extensions") if e.endswith("/dev2pro_train_progress.js"))
         served["script"] = server.get_text(script)
         served["help"] = server.get_text(script.rsplit("/", 1)[0] + "/docs/Dev2ProTrainLoRA.md")
+        served["refusals"] = {name: refusal(server, prompt) for name, prompt in HOSTILE_PROMPTS.items()}
 
     result = demo.run(comfyui_path(), "demo", str(tmp_path), train_steps=8, timeout=600, while_running=front_end_files)
     assert result["mode"] == "demo"
@@ -31,3 +51,6 @@ def test_api_workflow_runs_through_a_real_server(tmp_path):
     # the front end loads the progress extension, and the node's help page is served beside it
     assert "dev2pro.train.step" in served["script"]
     assert served["help"].startswith("# Train Flux LoRA (Dev2Pro)")
+    # file names from an API client that leave the model folders reach no reader
+    for name, why in served["refusals"].items():
+        assert "value_not_in_list" in why or "is not a name inside models/" in why, (name, why)
