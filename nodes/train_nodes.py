@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import numpy as np
@@ -50,13 +51,30 @@ def send_event(node_id: str, data: dict) -> None:
         server.send_sync(STEP_EVENT, {"node": node_id, **data}, server.client_id)
 
 
-class _EarlyStops:
-    """Counts runs ended by Cancel: a changed count makes ComfyUI re-run a node instead of reusing a partial result."""
+class _Cancelled:
+    """Runs ended by Cancel, counted per node type and constant inputs, which is all that ComfyUI hands
+    ``fingerprint_inputs`` (no linked inputs, and no hidden ones on 0.3.64): the count changes for that run only, so
+    queuing again retrains it and leaves every other trainer's finished result in ComfyUI's cache."""
 
-    count = 0
+    counts: dict[str, int] = {}
+
+    @staticmethod
+    def key(node: str, constants: dict) -> str:
+        # fingerprint_inputs gets linked inputs as None (V3)
+        return node + json.dumps({k: v for k, v in constants.items() if v is not None}, sort_keys=True, default=str)
+
+    @classmethod
+    def add(cls, node: str, hidden) -> None:
+        """Count a Cancel of the node ``hidden.unique_id``: its constant inputs as the prompt gives them, as far as
+        the node declares them (those are what ComfyUI fingerprints)."""
+        inputs = (hidden.prompt or {}).get(str(hidden.unique_id), {}).get("inputs", {})
+        node_cls = next(c for c in _TrainingNode.__subclasses__() if c.NODE == node)
+        declared = {name for section in node_cls.INPUT_TYPES().values() for name in section}
+        key = cls.key(node, {k: v for k, v in inputs.items() if k in declared and not isinstance(v, list)})
+        cls.counts[key] = cls.counts.get(key, 0) + 1
 
 
-def run_training(node: str, node_id: str, model, dataset: TrainingDataset, config: TrainConfig,
+def run_training(node: str, hidden, model, dataset: TrainingDataset, config: TrainConfig,
                  resume: TrainingState | None, stop_at_step: int, previews: Previews | None) -> io.NodeOutput:
     """What both training nodes do: progress, events, Cancel, previews, NaN rescue, and the four outputs."""
     key = run_memo.run_key(node, model, dataset, config, resume, stop_at_step, previews)
@@ -65,6 +83,7 @@ def run_training(node: str, node_id: str, model, dataset: TrainingDataset, confi
         log.warning("%s: these inputs finished training earlier in this ComfyUI session (ComfyUI dropped that result "
                     "from its cache); handing that run on instead of training again", node)
         return finished
+    node_id = hidden.unique_id
     progress = comfy.utils.ProgressBar(config.steps, node_id=node_id)
     if resume is not None:
         progress.update_absolute(min(resume.step, config.steps), config.steps)
@@ -110,7 +129,7 @@ def run_training(node: str, node_id: str, model, dataset: TrainingDataset, confi
     if cancelled[0]:
         # Cancel ends training, not the graph: the adapter so far goes on to Save LoRA. A second Cancel stops the rest.
         comfy.model_management.interrupt_current_processing(False)
-        _EarlyStops.count += 1
+        _Cancelled.add(node, hidden)
         log.warning("%s: stopped by Cancel at step %d of %d; the adapter so far goes on to the next nodes "
                     "(press Cancel again to stop them)", node, result.state.step if result.state else 0, config.steps)
     output = outputs(model, config, result, preview_images, cancelled[0])
@@ -212,12 +231,15 @@ def previews_input():
 
 class _TrainingNode(io.ComfyNode):
     @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        """Changes after a run ended by Cancel, so queuing again retrains instead of reusing the partial adapter."""
-        return _EarlyStops.count
+    def fingerprint_inputs(cls, **constants):
+        """Changes after this run was ended by Cancel, so queuing again retrains instead of reusing its partial
+        adapter."""
+        return _Cancelled.counts.get(_Cancelled.key(cls.NODE, constants), 0)
 
 
 class Dev2ProTrainLoRA(_TrainingNode):
+    NODE = "Dev2ProTrainLoRA"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -281,7 +303,7 @@ class Dev2ProTrainLoRA(_TrainingNode):
                                        tooltip="From Advanced Training Settings: timestep and loss details, weight decay."),
             ],
             outputs=OUTPUTS,
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -300,11 +322,13 @@ class Dev2ProTrainLoRA(_TrainingNode):
             config.validate()
         except ValueError as e:
             raise node_error("Dev2ProTrainLoRA", str(e).split(" ")[0], str(e)) from e
-        return run_training("Dev2ProTrainLoRA", cls.hidden.unique_id, model, dataset, config, None, stop_at_step,
+        return run_training("Dev2ProTrainLoRA", cls.hidden, model, dataset, config, None, stop_at_step,
                             previews)
 
 
 class Dev2ProContinueTraining(_TrainingNode):
+    NODE = "Dev2ProContinueTraining"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -325,7 +349,7 @@ class Dev2ProContinueTraining(_TrainingNode):
                 previews_input(),
             ],
             outputs=OUTPUTS,
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -340,7 +364,7 @@ class Dev2ProContinueTraining(_TrainingNode):
         if training_state.step >= config.steps:
             log.info("Dev2ProContinueTraining: the run is already at step %d of %d; raise 'steps' to train more",
                      training_state.step, config.steps)
-        return run_training("Dev2ProContinueTraining", cls.hidden.unique_id, model, dataset, config, training_state,
+        return run_training("Dev2ProContinueTraining", cls.hidden, model, dataset, config, training_state,
                             stop_at_step, previews)
 
 

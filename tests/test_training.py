@@ -165,6 +165,38 @@ def test_cancel_stops_after_the_current_step_and_the_adapter_so_far_is_saved(com
     assert steps == [1, 2, 1, 2, 3, 4, 5]
 
 
+def test_a_cancel_leaves_other_finished_trainings_cached(comfy, model_file, monkeypatch):
+    """Queued again after one trainer was cancelled, only that one trains again: the other's finished adapter is
+    reused from ComfyUI's cache and its Save LoRA writes no second file."""
+    graph = graphs.training_graph("train_core.safetensors", steps=3, prefix="cancel_one/other", seed=31)
+    cancelled = graphs.training_graph("train_core.safetensors", steps=3, prefix="cancel_one/cancelled", seed=32)
+    for node_id, node in cancelled.items():  # a second chain of nodes, "c_"-prefixed, linked among themselves
+        inputs = {k: [f"c_{v[0]}", v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+        graph[f"c_{node_id}"] = {**node, "inputs": inputs}
+    steps, record, pressed = [], comfy.server.send_sync, []
+
+    def press_cancel_in_the_copy(event, data, sid=None):
+        record(event, data, sid)
+        if event == "dev2pro.train.step":
+            steps.append((data["node"], data["step"]))
+            if data["node"] == "c_train" and data["step"] == 2 and not pressed:
+                pressed.append(True)
+                comfy_model_management.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.server, "send_sync", press_cancel_in_the_copy)
+    try:
+        comfy.run(graph)
+        first = list(steps)
+        steps.clear()
+        comfy.run(graph)
+    finally:
+        comfy_model_management.interrupt_current_processing(False)
+    assert ("c_train", 2) in first and ("c_train", 3) not in first and ("train", 3) in first
+    assert steps == [("c_train", 1), ("c_train", 2), ("c_train", 3)], "only the cancelled run trains again"
+    assert sorted(os.listdir(comfy.path("loras", "cancel_one"))) == [
+        "cancelled_00001.safetensors", "cancelled_00002.safetensors", "other_00001.safetensors"]
+
+
 def test_cancel_raised_inside_an_op_keeps_the_last_completed_step(comfy, model_file, monkeypatch):
     """ComfyUI 0.33+ raises Cancel from inside any op's forward (comfy.ops run_every_op), mid-step. The step in
     flight is dropped, the adapter of the last completed step goes on to Save LoRA, and the graph goes on. On 0.3.x,
