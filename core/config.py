@@ -18,6 +18,14 @@ FP8_MATMUL_MODES = ("off", "on")
 FLUX_BLOCKS = 57  # Flux.1: 19 double + 38 single blocks
 
 
+class SettingError(ValueError):
+    """A training setting is out of range; ``input_name`` is the setting (and the node input of that name)."""
+
+    def __init__(self, input_name: str, message: str):
+        super().__init__(message)
+        self.input_name = input_name
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 500
@@ -50,39 +58,39 @@ class TrainConfig:
         return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
 
     def validate(self) -> None:
-        """Raise ValueError naming the setting and what it accepts; called once, before any work."""
+        """Raise SettingError naming the setting and what it accepts; called once, before any work."""
         checks = [
-            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
-            (0 < self.learning_rate < 10, f"learning_rate must be in (0, 10), got {self.learning_rate}"),
-            (1 <= self.rank <= 256, f"rank must be 1..256, got {self.rank}"),
-            (self.alpha > 0, f"alpha must be positive, got {self.alpha}"),
-            (math.isfinite(self.guidance) and self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
-            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
-            (self.gradient_accumulation >= 1, f"gradient_accumulation must be at least 1, got {self.gradient_accumulation}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
-            (0 <= self.warmup_steps < self.steps or self.warmup_steps == 0,
+            (self.steps >= 1, "steps", f"steps must be at least 1, got {self.steps}"),
+            (0 < self.learning_rate < 10, "learning_rate", f"learning_rate must be in (0, 10), got {self.learning_rate}"),
+            (1 <= self.rank <= 256, "rank", f"rank must be 1..256, got {self.rank}"),
+            (self.alpha > 0, "alpha", f"alpha must be positive, got {self.alpha}"),
+            (math.isfinite(self.guidance) and self.guidance >= 0, "guidance", f"guidance must be >= 0, got {self.guidance}"),
+            (self.batch_size >= 1, "batch_size", f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.gradient_accumulation >= 1, "gradient_accumulation", f"gradient_accumulation must be at least 1, got {self.gradient_accumulation}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.weight_decay >= 0, "weight_decay", f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
+            (0 <= self.warmup_steps < self.steps or self.warmup_steps == 0, "warmup_steps",
              f"warmup_steps must be below steps ({self.steps}), got {self.warmup_steps}"),
-            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"),
-            (self.timestep_sampling in TIMESTEP_SAMPLINGS,
+            (self.max_grad_norm >= 0, "max_grad_norm", f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"),
+            (self.timestep_sampling in TIMESTEP_SAMPLINGS, "timestep_sampling",
              f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got {self.timestep_sampling!r}"),
-            (self.sigmoid_scale > 0, f"sigmoid_scale must be positive, got {self.sigmoid_scale}"),
-            (self.shift > 0, f"shift must be positive, got {self.shift}"),
-            (self.logit_std > 0, f"logit_std must be positive, got {self.logit_std}"),
-            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
-            (self.huber_delta > 0, f"huber_delta must be positive, got {self.huber_delta}"),
-            (0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
-            (self.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"),
-            (self.fp8_matmul in FP8_MATMUL_MODES,
+            (self.sigmoid_scale > 0, "sigmoid_scale", f"sigmoid_scale must be positive, got {self.sigmoid_scale}"),
+            (self.shift > 0, "shift", f"shift must be positive, got {self.shift}"),
+            (self.logit_std > 0, "logit_std", f"logit_std must be positive, got {self.logit_std}"),
+            (self.loss in LOSSES, "loss", f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (self.huber_delta > 0, "huber_delta", f"huber_delta must be positive, got {self.huber_delta}"),
+            (0 <= self.caption_dropout < 1, "caption_dropout", f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
+            (self.compile in COMPILE_MODES, "compile", f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"),
+            (self.fp8_matmul in FP8_MATMUL_MODES, "fp8_matmul",
              f"fp8_matmul must be one of {', '.join(FP8_MATMUL_MODES)}, got {self.fp8_matmul!r}"),
-            (0 <= self.blocks_to_swap <= FLUX_BLOCKS, f"blocks_to_swap must be 0..{FLUX_BLOCKS}, got {self.blocks_to_swap}"),
-            (self.blocks_to_swap == 0 or self.gradient_checkpointing,
+            (0 <= self.blocks_to_swap <= FLUX_BLOCKS, "blocks_to_swap", f"blocks_to_swap must be 0..{FLUX_BLOCKS}, got {self.blocks_to_swap}"),
+            (self.blocks_to_swap == 0 or self.gradient_checkpointing, "blocks_to_swap",
              "blocks_to_swap needs gradient_checkpointing on (a swapped block's weights leave the GPU after it ran)"),
         ]
-        for ok, message in checks:
+        for ok, name, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise SettingError(name, message)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

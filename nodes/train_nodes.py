@@ -12,7 +12,8 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..core.config import COMPILE_MODES, FP8_MATMUL_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS
+from ..core.config import (COMPILE_MODES, FP8_MATMUL_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS,
+                           SettingError)
 from ..core import run_memo
 from ..core.dataset import TrainingDataset
 from ..core.fp8_matmul import Fp8Unavailable
@@ -320,8 +321,9 @@ class Dev2ProTrainLoRA(_TrainingNode):
         config = TrainConfig(**settings, **(advanced or {}))
         try:
             config.validate()
-        except ValueError as e:
-            raise node_error("Dev2ProTrainLoRA", str(e).split(" ")[0], str(e)) from e
+        except SettingError as e:
+            where = f"advanced: {e.input_name}" if e.input_name in (advanced or {}) else e.input_name
+            raise node_error("Dev2ProTrainLoRA", where, str(e)) from e
         return run_training("Dev2ProTrainLoRA", cls.hidden, model, dataset, config, None, stop_at_step,
                             previews)
 

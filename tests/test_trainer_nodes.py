@@ -169,6 +169,18 @@ def test_fp8_matmul_on_a_bf16_model_names_the_setting_and_the_fix(comfy, files):
     assert not os.path.exists(comfy.path("loras", "fp8bad"))
 
 
+@pytest.mark.parametrize("inputs, where, words", [
+    ({"warmup_steps": 10}, "warmup_steps", "warmup_steps must be below steps (4)"),
+    ({"blocks_to_swap": 2, "gradient_checkpointing": False}, "blocks_to_swap", "blocks_to_swap needs gradient_checkpointing on"),
+])
+def test_settings_that_do_not_fit_together_name_their_input(comfy, files, inputs, where, words):
+    g = graph(inputs)
+    g["curve"] = {"class_type": "PreviewImage", "inputs": {"images": ["train", 1]}}
+    with pytest.raises(ExecutionFailed) as caught:
+        comfy.run(g)
+    assert caught.value.message.startswith(f"Dev2ProTrainLoRA ({where}): {words}"), caught.value.message
+
+
 def test_a_finished_run_is_handed_on_when_comfyui_runs_the_node_again(comfy, files):
     """ComfyUI's default cache from 0.33 on drops outputs under RAM pressure and re-runs the dropped nodes, loaders
     included, when the graph is queued again: a fresh executor is that, at its most. The same inputs must not train

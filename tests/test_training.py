@@ -110,8 +110,9 @@ def test_gradient_checkpointing_gives_the_same_adapter(core, model_file):
     ("caption_dropout", 1.0, "caption_dropout must be in [0, 1)"),
 ])
 def test_bad_settings_are_refused_before_any_work(core, field, value, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(core.config.SettingError, match=re.escape(message)) as error:
         core.training.TrainConfig(**{field: value}).validate()
+    assert error.value.input_name == field
 
 
 def test_dataset_that_does_not_fit_the_model_is_refused(core, model_file):
