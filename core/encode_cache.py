@@ -10,13 +10,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic_files import temp_file
 from .dataset import TrainingDataset, TrainingSample
 from .image_folder import DatasetError, file_sha256, final_caption, scan_folder, training_pixels
 
@@ -46,9 +46,12 @@ class EncodeCache:
     hits: int = 0
     misses: int = 0
 
-    def get(self, kind: str, key: dict, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def path_for(self, kind: str, key: dict) -> str:
         digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()
-        path = os.path.join(self.root, kind, digest[:2], digest + ".safetensors")
+        return os.path.join(self.root, kind, digest[:2], digest + ".safetensors")
+
+    def get(self, kind: str, key: dict, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        path = self.path_for(kind, key)
         if os.path.isfile(path):
             try:
                 tensors = load_file(path)
@@ -57,9 +60,7 @@ class EncodeCache:
             except Exception as e:  # a damaged entry (disk full, killed mid-write elsewhere): make it again
                 log.warning("dev2pro-lora: re-making damaged cache entry %s (%s)", path, e)
         tensors = {k: v.detach().cpu().contiguous() for k, v in make().items()}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-        os.close(fd)
+        tmp = temp_file(os.path.dirname(path))  # also clears what a killed encode left there
         try:
             save_file(tensors, tmp)
             os.replace(tmp, path)

@@ -11,13 +11,14 @@ import datetime
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic_files import write_new_files
 from .lora_convert import SUFFIXES, Converted, layer_of, to_comfy, to_diffusers
 
 # With the suffixes ComfyUI's loader reads beyond lora_convert's (comfy/lora.py), longest first.
@@ -134,39 +135,38 @@ def read_lora_file(path: str) -> Converted:
     return converted
 
 
-def next_free_path(directory: str, prefix: str, ext: str = ".safetensors") -> str:
-    """``<directory>/<prefix>_00001.safetensors``, numbered past every existing file of that prefix."""
+def next_free_path(directory: str, prefix: str, exts: tuple[str, ...] = (".safetensors",)) -> str:
+    """``<directory>/<prefix>_00001.safetensors``, numbered past every existing file of that prefix with any of
+    ``exts`` (a LoRA and its training state share a number)."""
     base = os.path.basename(prefix)
     folder = os.path.join(directory, os.path.dirname(prefix))
-    pattern = re.compile(re.escape(base) + r"_(\d{5})" + re.escape(ext) + "$")
+    pattern = re.compile(re.escape(base) + r"_(\d{5})(" + "|".join(re.escape(e) for e in exts) + ")$")
     taken = [int(m.group(1)) for f in (os.listdir(folder) if os.path.isdir(folder) else []) if (m := pattern.match(f))]
-    return os.path.join(folder, f"{base}_{max(taken, default=0) + 1:05d}{ext}")
+    return os.path.join(folder, f"{base}_{max(taken, default=0) + 1:05d}{exts[0]}")
 
 
 def save_new_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> str:
-    """Write ``tensors`` to ``path`` atomically, never replacing an existing file.
-
-    The data goes to a temporary file in the same folder first, then is hard-linked to ``path``: a link fails if
-    ``path`` exists, so a file that appeared meanwhile is kept and FileExistsError is raised.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".dev2pro-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        try:
-            os.link(tmp, path)
-        except OSError as e:
-            if isinstance(e, FileExistsError):
-                raise
-            # Filesystems without hard links: reserve the name exclusively, then move the data over it.
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``tensors`` to ``path`` atomically, never replacing an existing file (FileExistsError)."""
+    write_new_files([(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))])
     return path
+
+
+def save_numbered_lora(directory: str, prefix: str, tensors: dict[str, torch.Tensor],
+                       metadata_for: Callable[[str], dict[str, str]], state: "StateParts | None" = None) -> str:
+    """Save as the next free ``<prefix>_NNNNN.safetensors`` under ``directory``, with ``state`` beside it as
+    ``.dev2pro-state``: both files appear or neither does, under a number neither kind of file has taken (a state
+    left without its LoRA keeps its number). ``metadata_for(path)`` gives the LoRA's metadata. Returns the path."""
+    for _ in range(100):  # another save may take a number between our look and our write
+        path = next_free_path(directory, prefix, (".safetensors", STATE_EXTENSION))
+        files = [(path, lambda tmp, path=path: save_file(tensors, tmp, metadata=metadata_for(path)))]
+        if state is not None:
+            files.append((state_path_for(path), lambda tmp: save_file(state.tensors, tmp, metadata=state.metadata)))
+        try:
+            write_new_files(files)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free number for '{prefix}' after 100 tries")
 
 
 def layer_prefixes(tensors: dict) -> set[str]:
@@ -200,14 +200,28 @@ def training_state_tensors(adapter: LoRAWeights, optimizer: dict) -> tuple[dict[
     return tensors, {"param_groups": optimizer["param_groups"], "scalars": scalars}
 
 
-def save_training_state(path: str, config: dict, step: int, adapter: LoRAWeights, optimizer: dict,
-                        losses: list[float], info: dict[str, str]) -> str:
+@dataclass
+class StateParts:
+    """A training state as the tensors and metadata of its file."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def training_state_parts(config: dict, step: int, adapter: LoRAWeights, optimizer: dict, losses: list[float],
+                         info: dict[str, str]) -> StateParts:
     tensors, rest = training_state_tensors(adapter, optimizer)
     metadata = {
         "format": STATE_FORMAT, "config": json.dumps(config), "step": str(step), "losses": json.dumps(losses),
         "rank": str(adapter.rank), "alpha": str(adapter.alpha), "optimizer": json.dumps(rest), "info": json.dumps(info),
     }
-    return save_new_file(tensors, path, metadata)
+    return StateParts(tensors, metadata)
+
+
+def save_training_state(path: str, config: dict, step: int, adapter: LoRAWeights, optimizer: dict,
+                        losses: list[float], info: dict[str, str]) -> str:
+    parts = training_state_parts(config, step, adapter, optimizer, losses, info)
+    return save_new_file(parts.tensors, path, parts.metadata)
 
 
 def load_training_state(path: str) -> dict:

@@ -12,8 +12,8 @@ from comfy_api.latest import io
 
 from ..core.lora_convert import NotAFluxLoRA
 from ..core.lora_format import (FORMATS, STATE_EXTENSION, TrainedLoRA, file_tensors, layer_prefixes,
-                                load_training_state, lora_metadata, next_free_path, read_lora_file, save_new_file,
-                                save_training_state, state_path_for)
+                                load_training_state, lora_metadata, read_lora_file, save_numbered_lora,
+                                training_state_parts)
 from ..core.paths import OutsideFolder, find_in_folders
 from ..core.training import TrainConfig, TrainingState
 from .common import CATEGORY, TrainingStateType, node_error
@@ -36,20 +36,15 @@ def write_lora(tensors: dict, info: dict, prefix: str, state: TrainingState | No
     except ValueError as e:
         raise node_error("Dev2ProSaveLoRA", "format" if fmt != "kohya" else "lora", f"{e}.") from e
     directory = folder_paths.get_folder_paths("loras")[0]
-    for _ in range(100):  # another save may take a number between our look and our write
-        path = next_free_path(directory, prefix)
-        if state is not None and os.path.exists(state_path_for(path)):
-            continue
-        try:
-            save_new_file(dict(tensors), path, {**lora_metadata(info, os.path.basename(path)), **format_metadata})
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise node_error("Dev2ProSaveLoRA", "filename_prefix", f"could not find a free file name for '{prefix}'.")
+    parts = None
     if state is not None:
-        save_training_state(state_path_for(path), state.config.to_dict(), state.step, state.adapter, state.optimizer,
-                            state.losses, state.info)
+        parts = training_state_parts(state.config.to_dict(), state.step, state.adapter, state.optimizer, state.losses,
+                                     state.info)
+    try:
+        path = save_numbered_lora(directory, prefix, tensors,
+                                  lambda p: {**lora_metadata(info, os.path.basename(p)), **format_metadata}, parts)
+    except FileExistsError as e:
+        raise node_error("Dev2ProSaveLoRA", "filename_prefix", f"could not find a free file name for '{prefix}'.") from e
     return path
 
 

@@ -118,7 +118,9 @@ def test_a_saved_training_state_continues_in_a_new_graph(comfy, files):
     assert all(torch.equal(rest[k], whole[k]) for k in whole)
 
 
-def test_a_nan_loss_stops_with_a_clear_error_and_saves_the_last_good_adapter(comfy, files):
+@pytest.mark.parametrize("orphan", [False, True])
+def test_a_nan_loss_stops_with_a_clear_error_and_saves_the_last_good_adapter(comfy, files, orphan):
+    """Also when dev2pro-rescue/ holds a state whose LoRA the user deleted: the rescue takes the next number."""
     core = comfy.pack.core
     probe = core.dataset.TrainingDataset([core.dataset.TrainingSample(torch.zeros(16, 8, 8), torch.zeros(6, 768),
                                                                       torch.zeros(768)) for _ in range(2)])
@@ -126,11 +128,19 @@ def test_a_nan_loss_stops_with_a_clear_error_and_saves_the_last_good_adapter(com
     bad_step = next(k + 1 for k in range(20) if plan.batch(k) != plan.batch(0))
     g = graph({"steps": 20}, broken_index=plan.batch(bad_step - 1)[0])
     g["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["train", 0], "filename_prefix": "nan/lora"}}
+    rescues = comfy.path("loras", "dev2pro-rescue")
+    stems = {f.split(".")[0] for f in (os.listdir(rescues) if os.path.isdir(rescues) else [])}
+    taken = len([stem for stem in stems if stem.startswith(f"step_{bad_step - 1:05d}_")])  # from other runs
+    if orphan:
+        os.makedirs(rescues, exist_ok=True)
+        with open(os.path.join(rescues, f"step_{bad_step - 1:05d}_{taken + 1:05d}.dev2pro-state"), "wb") as f:
+            f.write(b"a state whose LoRA was deleted")
+        taken += 1
     with pytest.raises(ExecutionFailed) as caught:
         comfy.run(g)
     message = caught.value.message
     assert f"Dev2ProTrainLoRA (learning_rate): training stopped: the loss became NaN or infinite at step {bad_step}" in message
-    rescue = comfy.path("loras", "dev2pro-rescue", f"step_{bad_step - 1:05d}_00001.safetensors")
+    rescue = os.path.join(rescues, f"step_{bad_step - 1:05d}_{taken + 1:05d}.safetensors")
     assert rescue in message and os.path.isfile(rescue)
     assert os.path.isfile(rescue.replace(".safetensors", ".dev2pro-state"))
     assert all(torch.isfinite(t.float()).all() for t in load_file(rescue).values())
