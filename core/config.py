@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -53,6 +54,10 @@ class TrainConfig:
     compile: str = "auto"
     blocks_to_swap: int = 0  # blocks whose weights stay in CPU memory and stream in (low-VRAM mode)
     fp8_matmul: str = "off"  # on: the fp8 base multiplies on fp8 tensor cores in the forward passes
+    # Continue Training with a new rate or schedule: the schedule (warmup included) runs over the steps after this
+    # one; the rates before it, as JSON [[first step, rate, schedule], ...], for the files' metadata.
+    schedule_start: int = 0
+    lr_history: str = ""
 
     def compiled_on(self, device_type: str) -> bool:
         return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
@@ -70,7 +75,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, "optimizer", f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.weight_decay >= 0, "weight_decay", f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
-            (0 <= self.warmup_steps < self.steps or self.warmup_steps == 0, "warmup_steps",
+            (0 <= self.warmup_steps < self.steps - self.schedule_start or self.warmup_steps == 0, "warmup_steps",
              f"warmup_steps must be below steps ({self.steps}), got {self.warmup_steps}"),
             (self.max_grad_norm >= 0, "max_grad_norm", f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"),
             (self.timestep_sampling in TIMESTEP_SAMPLINGS, "timestep_sampling",
@@ -87,6 +92,7 @@ class TrainConfig:
             (0 <= self.blocks_to_swap <= FLUX_BLOCKS, "blocks_to_swap", f"blocks_to_swap must be 0..{FLUX_BLOCKS}, got {self.blocks_to_swap}"),
             (self.blocks_to_swap == 0 or self.gradient_checkpointing, "blocks_to_swap",
              "blocks_to_swap needs gradient_checkpointing on (a swapped block's weights leave the GPU after it ran)"),
+            (self.schedule_start >= 0, "schedule_start", f"schedule_start must be >= 0, got {self.schedule_start}"),
         ]
         for ok, name, message in checks:
             if not ok:
@@ -94,6 +100,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_new_rate(self, step: int, learning_rate: float | None, lr_schedule: str | None) -> "TrainConfig":
+        """This run continued after ``step`` at ``learning_rate`` and/or ``lr_schedule`` (None keeps each): the
+        schedule restarts there without warmup, and the rate so far joins ``lr_history``."""
+        history = json.loads(self.lr_history) if self.lr_history else []
+        history.append([self.schedule_start + 1, self.learning_rate, self.lr_schedule])
+        return dataclasses.replace(self, learning_rate=learning_rate or self.learning_rate,
+                                   lr_schedule=lr_schedule or self.lr_schedule, warmup_steps=0, schedule_start=step,
+                                   lr_history=json.dumps(history))
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -46,12 +46,13 @@ def lr_multiplier(config: TrainConfig, step: int) -> float:
     Linear warmup over ``warmup_steps`` from 1/warmup to 1, then ``constant`` 1, or ``linear`` / ``cosine`` decay
     that reaches 1/n of the rate at the last of the n remaining steps (never 0, so no step is wasted).
     """
+    step -= config.schedule_start  # a continued run with a new rate: its schedule spans the steps it adds
     warmup = config.warmup_steps
     if step <= warmup:
         return step / warmup
     if config.lr_schedule == "constant":
         return 1.0
-    remaining = config.steps - warmup
+    remaining = config.steps - config.schedule_start - warmup
     progress = (step - warmup - 1) / remaining  # 0 at the first decaying step, (n-1)/n at the last
     if config.lr_schedule == "linear":
         return 1.0 - progress

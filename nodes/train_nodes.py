@@ -122,7 +122,7 @@ def run_training(node: str, hidden, model, dataset: TrainingDataset, config: Tra
         raise node_error(node, "optimizer", str(e)) from e
     except Fp8Unavailable as e:
         raise node_error(node, "advanced: fp8_matmul", str(e)) from e
-    except ModelInputError as e:
+    except (ModelInputError, SettingError) as e:
         raise node_error(node, e.input_name, str(e)) from e
     except ValueError as e:
         raise node_error(node, "model/dataset/training_state", str(e)) from e
@@ -164,6 +164,9 @@ def lora_info(model, config: TrainConfig, result: TrainResult, stopped_early: bo
         "dev2pro_training_guidance": str(config.guidance),
         "dev2pro_base_model": base_name,
     }
+    if config.lr_history:
+        info["dev2pro_learning_rates"] = json.dumps(
+            json.loads(config.lr_history) + [[config.schedule_start + 1, config.learning_rate, config.lr_schedule]])
     if result.losses:
         info["dev2pro_final_loss"] = f"{result.losses[-1]:.6g}"
     if stopped_early:
@@ -194,7 +197,8 @@ def rescue(node: str, model, config: TrainConfig, error: NonFiniteLoss) -> Value
         good.state.info.update(info)
         path = write_lora(good.weights.to_kohya(), info, f"{RESCUE_PREFIX}step_{good.state.step:05d}", good.state)
         where = (f" The adapter after step {good.state.step}, the last good one, and its training state are saved as "
-                 f"{path}; continue from it with Load Training State.")
+                 f"{path}; continue from it with Load Training State and Continue Training, whose learning_rate "
+                 "input sets a lower rate for the steps it adds.")
     return node_error(node, "learning_rate", f"training stopped: {error}.{where} Lower the learning rate, keep "
                       "max_grad_norm on (1.0), or check the dataset for broken images.")
 
@@ -349,13 +353,20 @@ class Dev2ProContinueTraining(_TrainingNode):
                              "decaying schedule, that stretches the schedule)."),
                 stop_at_input(optional=False),
                 previews_input(),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=10.0, step=1e-6, round=1e-7,
+                               optional=True, tooltip="A new learning rate for the steps this node adds, e.g. half "
+                               "the run's after a NaN stop. 0 keeps the run's own rate and schedule."),
+                io.Combo.Input("lr_schedule", options=["keep", *LR_SCHEDULES], default="keep", optional=True,
+                               tooltip="A new schedule for the steps this node adds (it starts at this node's step, "
+                               "without warmup). keep: the run's own."),
             ],
             outputs=OUTPUTS,
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
-    def execute(cls, training_state: TrainingState, model, dataset, steps, stop_at_step, previews=None) -> io.NodeOutput:
+    def execute(cls, training_state: TrainingState, model, dataset, steps, stop_at_step, previews=None,
+                learning_rate=0.0, lr_schedule="keep") -> io.NodeOutput:
         config = training_state.config
         guidance = training_guidance(model)
         if guidance != config.guidance:
@@ -363,6 +374,9 @@ class Dev2ProContinueTraining(_TrainingNode):
                              f"model is set to {guidance}; use the same Training Guidance value.")
         if steps:
             config = dataclasses.replace(config, steps=steps)
+        if learning_rate or lr_schedule != "keep":
+            config = config.with_new_rate(training_state.step, learning_rate or None,
+                                          None if lr_schedule == "keep" else lr_schedule)
         if training_state.step >= config.steps:
             log.info("Dev2ProContinueTraining: the run is already at step %d of %d; raise 'steps' to train more",
                      training_state.step, config.steps)

@@ -1,8 +1,10 @@
 """The training nodes in real ComfyUI graphs: previews on Flux-dev, chained and resumed runs, NaN rescue."""
+import json
 import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import comfy.ldm.flux.model as comfy_flux
@@ -116,6 +118,29 @@ def test_a_saved_training_state_continues_in_a_new_graph(comfy, files):
     rest = load_file(saved(comfy, comfy.run(second)))
     whole = load_file(saved(comfy, comfy.run(straight)))
     assert all(torch.equal(rest[k], whole[k]) for k in whole)
+
+
+def test_continue_training_sets_a_new_rate_and_schedule_for_the_steps_it_adds(comfy, files):
+    """The NaN advice made possible: continue a saved state at a lower rate; the new rate and schedule are in the
+    LoRA's metadata and in the state, so a later continue keeps them."""
+    g = graph()  # 4 steps at 1e-3, cosine
+    g["more"] = {"class_type": "Dev2ProContinueTraining", "inputs": {
+        "training_state": ["train", 3], "model": ["guidance", 0], "dataset": ["dataset", 0], "steps": 8,
+        "stop_at_step": 0, "learning_rate": 5e-4, "lr_schedule": "linear"}}
+    g["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {
+        "lora": ["more", 0], "filename_prefix": "rate/lower", "training_state": ["more", 3]}}
+    outputs = comfy.run(g)
+    rates = {d["step"]: d["learning_rate"] for e, d in comfy.server.messages
+             if e == "dev2pro.train.step" and d["node"] == "more"}
+    assert rates == pytest.approx({5: 5e-4, 6: 3.75e-4, 7: 2.5e-4, 8: 1.25e-4}, rel=1e-12)
+    with safe_open(saved(comfy, outputs), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_learning_rate"] == "0.0005" and meta["ss_lr_scheduler"] == "linear"
+    assert json.loads(meta["dev2pro_learning_rates"]) == [[1, 0.001, "cosine"], [5, 0.0005, "linear"]]
+    [state_file] = outputs["save"]["training_state_files"]
+    with safe_open(comfy.path("loras", state_file), framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+    assert (config["learning_rate"], config["lr_schedule"], config["schedule_start"]) == (5e-4, "linear", 4)
 
 
 @pytest.mark.parametrize("orphan", [False, True])
