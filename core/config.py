@@ -64,6 +64,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise SettingError naming the setting and what it accepts; called once, before any work."""
+        for f in dataclasses.fields(self):  # NaN passes every range check below (and ComfyUI's)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingError(f.name, f"{f.name} must be a finite number, got {value}")
         checks = [
             (self.steps >= 1, "steps", f"steps must be at least 1, got {self.steps}"),
             (0 < self.learning_rate < 10, "learning_rate", f"learning_rate must be in (0, 10), got {self.learning_rate}"),

@@ -14,18 +14,17 @@ from ..core.lora_convert import NotAFluxLoRA
 from ..core.lora_format import (FORMATS, STATE_EXTENSION, TrainedLoRA, file_tensors, layer_prefixes,
                                 load_training_state, lora_metadata, read_lora_file, save_numbered_lora,
                                 training_state_parts)
+from ..core import paths
 from ..core.paths import OutsideFolder, find_in_folders
 from ..core.training import TrainConfig, TrainingState
 from .common import CATEGORY, TrainingStateType, node_error
 
 
 def checked_prefix(prefix: str) -> str:
-    prefix = prefix.strip().replace("\\", "/")
-    parts = prefix.split("/")
-    if not prefix or os.path.isabs(prefix) or ".." in parts or not parts[-1]:
-        raise node_error("Dev2ProSaveLoRA", "filename_prefix", f"'{prefix}' is not a relative name inside "
-                         "models/loras. Use something like 'dev2pro/my_subject'.")
-    return prefix
+    try:
+        return paths.checked_prefix(prefix)
+    except OutsideFolder as e:
+        raise node_error("Dev2ProSaveLoRA", "filename_prefix", f"{e}.") from e
 
 
 def write_lora(tensors: dict, info: dict, prefix: str, state: TrainingState | None = None, fmt: str = "kohya") -> str:

@@ -128,9 +128,14 @@ def run_training(node: str, hidden, model, dataset: TrainingDataset, config: Tra
         raise node_error(node, "model/dataset/training_state", str(e)) from e
     should_stop()  # a Cancel that arrived inside an op (0.33+) ended the session; it is seen here
     if cancelled[0]:
-        # Cancel ends training, not the graph: the adapter so far goes on to Save LoRA. A second Cancel stops the rest.
         comfy.model_management.interrupt_current_processing(False)
         _Cancelled.add(node, hidden)
+        first = resume.step if resume is not None else 0
+        if result.state is None or result.state.step <= first + 1:
+            # Cancel as training starts (0.3.64 only sees it once the first step is done): ComfyUI's own Cancel,
+            # the graph stops and no LoRA of one step is saved
+            raise comfy.model_management.InterruptProcessingException()
+        # Cancel ends training, not the graph: the adapter so far goes on to Save LoRA. A second Cancel stops the rest.
         log.warning("%s: stopped by Cancel at step %d of %d; the adapter so far goes on to the next nodes "
                     "(press Cancel again to stop them)", node, result.state.step if result.state else 0, config.steps)
     output = outputs(model, config, result, preview_images, cancelled[0])

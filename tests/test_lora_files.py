@@ -55,11 +55,18 @@ def test_save_never_overwrites(comfy, models):
         assert f.read() == b"the user's own file"
 
 
-@pytest.mark.parametrize("prefix", ["../escape", "/abs/path", "folder/"])
-def test_bad_prefix_is_refused(comfy, models, prefix):
+@pytest.mark.parametrize("prefix, words", [
+    ("../escape", "is not a name inside models/loras"), ("/abs/path", "is not a name inside models/loras"),
+    ("folder/", "names a folder, not a file"), ("a\0b", "is not a name inside"), ("", "no name given"),
+    ("x" * 300, "a file or folder name holds 235 here"), ("d/" * 2000 + "x", "at most 1024 fit"),
+])
+def test_bad_prefix_is_refused_before_any_folder_is_made(comfy, models, prefix, words):
+    before = sorted(os.walk(comfy.path("loras")))
     with pytest.raises(ExecutionFailed) as error:
         comfy.run(training_graph(models[0], steps=1, prefix=prefix))
-    assert "Dev2ProSaveLoRA (filename_prefix)" in error.value.message
+    assert error.value.message.startswith("Dev2ProSaveLoRA (filename_prefix): "), error.value.message
+    assert words in error.value.message and "use something like 'dev2pro/my_subject'" in error.value.message
+    assert sorted(os.walk(comfy.path("loras"))) == before
 
 
 @pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "bf16"])

@@ -207,9 +207,15 @@ def test_fp8_matmul_on_a_bf16_model_names_the_setting_and_the_fix(comfy, files):
 @pytest.mark.parametrize("inputs, where, words", [
     ({"warmup_steps": 10}, "warmup_steps", "warmup_steps must be below steps (4)"),
     ({"blocks_to_swap": 2, "gradient_checkpointing": False}, "blocks_to_swap", "blocks_to_swap needs gradient_checkpointing on"),
+    ({"advanced": {"logit_mean": float("nan")}}, "advanced: logit_mean", "logit_mean must be a finite number"),
 ])
 def test_settings_that_do_not_fit_together_name_their_input(comfy, files, inputs, where, words):
-    g = graph(inputs)
+    settings = dict(inputs)
+    g = graph(settings)
+    if "advanced" in settings:
+        g["advanced"] = advanced("off")
+        g["advanced"]["inputs"].update(settings["advanced"])
+        g["train"]["inputs"]["advanced"] = ["advanced", 0]
     g["curve"] = {"class_type": "PreviewImage", "inputs": {"images": ["train", 1]}}
     with pytest.raises(ExecutionFailed) as caught:
         comfy.run(g)

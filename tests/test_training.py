@@ -166,6 +166,24 @@ def test_cancel_stops_after_the_current_step_and_the_adapter_so_far_is_saved(com
     assert steps == [1, 2, 1, 2, 3, 4, 5]
 
 
+def test_cancel_as_training_starts_stops_the_graph_and_saves_nothing(comfy, model_file, monkeypatch):
+    record = comfy.server.send_sync
+
+    def press_cancel_at_step_one(event, data, sid=None):
+        record(event, data, sid)
+        if event == "dev2pro.train.step" and data["step"] == 1:
+            comfy_model_management.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.server, "send_sync", press_cancel_at_step_one)
+    try:
+        with pytest.raises(ExecutionFailed):
+            comfy.run(graphs.training_graph("train_core.safetensors", steps=5, prefix="cancel_start/lora", seed=41))
+    finally:
+        comfy_model_management.interrupt_current_processing(False)
+    assert "execution_interrupted" in [event for event, _ in comfy.server.messages]
+    assert not os.path.exists(comfy.path("loras", "cancel_start"))
+
+
 def test_a_cancel_leaves_other_finished_trainings_cached(comfy, model_file, monkeypatch):
     """Queued again after one trainer was cancelled, only that one trains again: the other's finished adapter is
     reused from ComfyUI's cache and its Save LoRA writes no second file."""
