@@ -48,8 +48,12 @@ def scan_folder(folder: str) -> list[ImageEntry]:
             caption_path = os.path.splitext(path)[0] + ".txt"
             caption = None
             if os.path.isfile(caption_path):
-                with open(caption_path, encoding="utf-8-sig") as f:
-                    caption = " ".join(f.read().split())
+                try:
+                    with open(caption_path, encoding="utf-8-sig") as f:
+                        caption = " ".join(f.read().split())
+                except UnicodeDecodeError as e:
+                    raise DatasetError(f"the caption {caption_path} is not UTF-8 text (byte {e.start} is "
+                                       f"0x{e.object[e.start]:02x}); save it as UTF-8") from e
             if repeats > 0:
                 entries.append(ImageEntry(path, caption, repeats))
     if not entries:
@@ -104,6 +108,9 @@ def load_rgb(path: str) -> Image.Image:
             opened.load()
             image = ImageOps.exif_transpose(opened)
             image.load()
+    except Image.DecompressionBombError as e:  # Pillow refuses > 2 x MAX_IMAGE_PIXELS before decoding
+        raise DatasetError(f"{path} is too large to open safely ({e}); downscale it (training resizes every image "
+                           "to the bucket resolution anyway)") from e
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path} is unreadable or truncated ({e}); re-export or remove it") from e
     finally:

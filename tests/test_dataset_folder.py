@@ -2,6 +2,8 @@
 encode cache, with a real (random-weight) Flux VAE and CLIP-L loaded by ComfyUI's own loaders."""
 import os
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -197,4 +199,46 @@ def test_dataset_node_errors_name_node_and_input(comfy, encoders):
     with pytest.raises(ExecutionFailed) as caught:
         comfy.run(graph)
     assert "'missing_folder' is not a folder" in caught.value.message
+    shutil.rmtree(folder)
+
+
+def huge_png_header(path, width=20000, height=20000):
+    """A PNG whose header says width x height (400 megapixels): Pillow refuses it from the header alone."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("latin-1 caption", "is not UTF-8 text (byte 5 is 0xe9); save it as UTF-8"),
+    ("20000x20000 image", "is too large to open safely"),
+])
+def test_a_bad_caption_or_image_names_the_file_and_the_fix(comfy, encoders, fault, words):
+    folder = comfy.path("input", f"faults_{fault.split()[0]}")
+    write_image(os.path.join(folder, "fine.png"), size=(128, 128))
+    if fault == "latin-1 caption":
+        write_image(os.path.join(folder, "bad.png"), size=(128, 128), caption=None)
+        with open(os.path.join(folder, "bad.txt"), "wb") as f:
+            f.write("a caf\u00e9 photo".encode("latin-1"))
+        named = os.path.join(folder, "bad.txt")
+    else:
+        huge_png_header(os.path.join(folder, "bad.png"))
+        with open(os.path.join(folder, "bad.txt"), "w") as f:
+            f.write("huge")
+        named = os.path.join(folder, "bad.png")
+    graph = {
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "folder_vae.safetensors"}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": "folder_clip_l.safetensors", "type": "stable_diffusion"}},
+        "data": {"class_type": "Dev2ProDataset", "inputs": {"folder": os.path.basename(folder), "vae": ["vae", 0],
+                                                            "clip": ["clip", 0], "resolution": 128}},
+        "train": {"class_type": "PreviewAny", "inputs": {"source": ["data", 0]}},
+    }
+    with pytest.raises(ExecutionFailed) as caught:
+        comfy.run(graph)
+    message = caught.value.message
+    assert message.startswith("Dev2ProDataset (folder): "), message
+    assert named in message and words in message, message
     shutil.rmtree(folder)
