@@ -97,3 +97,19 @@ def remember(key: str, result) -> None:
     _runs.move_to_end(key)
     while len(_runs) > KEEP:
         _runs.popitem(last=False)
+
+
+def base_fingerprint(model_patcher) -> str:
+    """What a training state was made for: every transformer tensor's name, shape and a sample of its values cast
+    to fp8 e4m3fn (so the same file loaded in fp8 or bf16 matches), and ComfyUI weight patches on it."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in model_patcher.model.diffusion_model.state_dict(keep_vars=True).items():
+        if tensor is None:
+            continue
+        t = tensor.detach()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        if t.device.type != "meta":
+            sample = t.reshape(-1)[:_SAMPLE].float().cpu().to(torch.float8_e4m3fn)
+            h.update(sample.view(torch.uint8).numpy().tobytes())
+    _value(h, model_patcher.patches)
+    return h.hexdigest()

@@ -69,6 +69,12 @@ class ModelInputError(ValueError):
     input_name = "model"
 
 
+class StateMismatch(ValueError):
+    """The training state's adapter does not fit this model's layers."""
+
+    input_name = "training_state"
+
+
 class NonFiniteLoss(ArithmeticError):
     """Training hit a NaN or infinite loss or gradient; ``result`` holds the adapter from before that step."""
 
@@ -211,6 +217,17 @@ class _Run:
         self.adapter = adapter_parameters(layers)
         if self.resume is not None:
             saved = self.resume.adapter
+            for name, (down, up) in self.adapter.items():
+                if name not in saved.down or name not in saved.up:
+                    raise StateMismatch(f"the training state has no adapter for {name} ({len(saved.down)} layers "
+                                        f"saved, this model has {len(self.adapter)}); it was made for another model. "
+                                        "Continue on the base it was trained on")
+                have, want = (tuple(saved.down[name].shape), tuple(saved.up[name].shape)), (tuple(down.shape),
+                                                                                          tuple(up.shape))
+                if have != want:
+                    raise StateMismatch(f"the training state's {name} is down {have[0]} / up {have[1]}, this model's "
+                                        f"layer needs {want[0]} / {want[1]}: another width or rank. Continue on the "
+                                        "base it was trained on")
             with torch.no_grad():
                 for name, (down, up) in self.adapter.items():
                     down.copy_(saved.down[name])

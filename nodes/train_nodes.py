@@ -20,8 +20,8 @@ from ..core.fp8_matmul import Fp8Unavailable
 from ..core.lora_format import TrainedLoRA
 from ..core.loss_plot import draw_loss_curve
 from ..core.optimizers import MissingPackage
-from ..core.training import (DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, ModelInputError, NonFiniteLoss, StepInfo,
-                             TrainConfig, TrainingState, TrainResult, train_lora)
+from ..core.training import (DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, ModelInputError, NonFiniteLoss, StateMismatch,
+                             StepInfo, TrainConfig, TrainingState, TrainResult, train_lora)
 from .common import CATEGORY, MODEL_NAME_OPTION, AdvancedSettings, Dataset, PreviewSettings, TrainingStateType, node_error
 from .lora_nodes import write_lora
 from .preview_nodes import Previews, sample_previews
@@ -122,7 +122,7 @@ def run_training(node: str, hidden, model, dataset: TrainingDataset, config: Tra
         raise node_error(node, "optimizer", str(e)) from e
     except Fp8Unavailable as e:
         raise node_error(node, "advanced: fp8_matmul", str(e)) from e
-    except (ModelInputError, SettingError) as e:
+    except (ModelInputError, SettingError, StateMismatch) as e:
         raise node_error(node, e.input_name, str(e)) from e
     except ValueError as e:
         raise node_error(node, "model/dataset/training_state", str(e)) from e
@@ -168,6 +168,7 @@ def lora_info(model, config: TrainConfig, result: TrainResult, stopped_early: bo
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "dev2pro_training_guidance": str(config.guidance),
         "dev2pro_base_model": base_name,
+        "dev2pro_base_fingerprint": run_memo.base_fingerprint(model),
     }
     if config.lr_history:
         info["dev2pro_learning_rates"] = json.dumps(
@@ -364,6 +365,9 @@ class Dev2ProContinueTraining(_TrainingNode):
                 io.Combo.Input("lr_schedule", options=["keep", *LR_SCHEDULES], default="keep", optional=True,
                                tooltip="A new schedule for the steps this node adds (it starts at this node's step, "
                                "without warmup). keep: the run's own."),
+                io.Boolean.Input("allow_other_base", default=False, optional=True,
+                                 tooltip="Continue on a MODEL whose weights differ from the one the state was "
+                                 "trained on (a merge or another fine-tune). Off: that is refused."),
             ],
             outputs=OUTPUTS,
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -371,8 +375,14 @@ class Dev2ProContinueTraining(_TrainingNode):
 
     @classmethod
     def execute(cls, training_state: TrainingState, model, dataset, steps, stop_at_step, previews=None,
-                learning_rate=0.0, lr_schedule="keep") -> io.NodeOutput:
+                learning_rate=0.0, lr_schedule="keep", allow_other_base=False) -> io.NodeOutput:
         config = training_state.config
+        trained_on = training_state.info.get("dev2pro_base_fingerprint")
+        if trained_on and not allow_other_base and trained_on != run_memo.base_fingerprint(model):
+            raise node_error("Dev2ProContinueTraining", "model", "the training state was trained on "
+                             f"'{training_state.info.get('dev2pro_base_model', 'another model')}', and this MODEL's "
+                             "weights differ from that one's. Connect the base it was trained on, or turn on "
+                             "allow_other_base to continue on this one on purpose.")
         guidance = training_guidance(model)
         if guidance != config.guidance:
             raise node_error("Dev2ProContinueTraining", "model", f"the run trained at guidance {config.guidance}, this "

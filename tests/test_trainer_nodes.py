@@ -143,6 +143,78 @@ def test_continue_training_sets_a_new_rate_and_schedule_for_the_steps_it_adds(co
     assert (config["learning_rate"], config["lr_schedule"], config["schedule_start"]) == (5e-4, "linear", 4)
 
 
+def saved_state(comfy, prefix):
+    first = graph({"steps": 6, "stop_at_step": 2})
+    first["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {
+        "lora": ["train", 0], "filename_prefix": prefix, "training_state": ["train", 3]}}
+    [state_file] = comfy.run(first)["save"]["training_state_files"]
+    return state_file
+
+
+def continue_graph(state_file, model_name="nodes_dev2pro.safetensors", **inputs):
+    g = {k: v for k, v in graph().items() if k != "train"}
+    g["load"]["inputs"]["model_name"] = model_name
+    g["state"] = {"class_type": "Dev2ProLoadTrainingState", "inputs": {"state_file": state_file}}
+    g["more"] = {"class_type": "Dev2ProContinueTraining", "inputs": {
+        "training_state": ["state", 0], "model": ["guidance", 0], "dataset": ["dataset", 0], "steps": 0,
+        "stop_at_step": 0, **inputs}}
+    g["save"] = {"class_type": "Dev2ProSaveLoRA", "inputs": {"lora": ["more", 0], "filename_prefix": "states/more"}}
+    return g
+
+
+def failure(comfy, g) -> str:
+    with pytest.raises(ExecutionFailed) as caught:
+        comfy.run(g)
+    return caught.value.message
+
+
+def test_a_bit_flipped_or_damaged_state_is_refused_before_training(comfy, files):
+    state_file = saved_state(comfy, "states/flip")
+    path = comfy.path("loras", state_file)
+    with open(path, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x10]))
+    message = failure(comfy, continue_graph(state_file))
+    assert message.startswith("Dev2ProLoadTrainingState (state_file): "), message
+    assert "is damaged (its checksum does not match" in message
+    # a state without a checksum (as older versions wrote) whose metadata is broken
+    from safetensors.torch import save_file
+    state_file = saved_state(comfy, "states/broken")
+    path = comfy.path("loras", state_file)
+    with safe_open(path, framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    meta.pop("checksum")
+    meta["optimizer"] = "{not json"
+    save_file(tensors, path, meta)
+    message = failure(comfy, continue_graph(state_file))
+    assert "is damaged or incomplete (JSONDecodeError" in message, message
+
+
+def test_a_state_continued_on_another_base_is_refused_unless_asked_for(comfy, files):
+    state_file = saved_state(comfy, "states/base")
+    message = failure(comfy, continue_graph(state_file, "nodes_dev.safetensors"))
+    assert message.startswith("Dev2ProContinueTraining (model): the training state was trained on "
+                              "'nodes_dev2pro.safetensors'"), message
+    assert "allow_other_base" in message
+    outputs = comfy.run(continue_graph(state_file, "nodes_dev.safetensors", allow_other_base=True))
+    assert saved(comfy, outputs)
+    # the same file loaded in bf16 instead of fp8 is the same base
+    g = continue_graph(state_file)
+    g["load"]["inputs"]["weight_dtype"] = "bf16"
+    comfy.run(g)
+
+
+def test_a_state_for_another_width_names_the_state_even_when_allowed(comfy, files):
+    narrow = dict(random_models.DEMO_FLUX, hidden_size=64, num_heads=2)
+    random_models.write_flux(comfy.path("diffusion_models", "nodes_narrow.safetensors"), narrow, seed=7)
+    state_file = saved_state(comfy, "states/width")
+    message = failure(comfy, continue_graph(state_file, "nodes_narrow.safetensors", allow_other_base=True))
+    assert message.startswith("Dev2ProContinueTraining (training_state): the training state's "), message
+    assert "another width or rank" in message
+
+
 @pytest.mark.parametrize("orphan", [False, True])
 def test_a_nan_loss_stops_with_a_clear_error_and_saves_the_last_good_adapter(comfy, files, orphan):
     """Also when dev2pro-rescue/ holds a state whose LoRA the user deleted: the rescue takes the next number."""
