@@ -7,8 +7,10 @@ the ones whose process is gone, and any older than a day (a state file is up to 
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import tempfile
 import time
 from typing import Callable
@@ -16,6 +18,37 @@ from typing import Callable
 TEMP_PREFIX = ".dev2pro-"
 TEMP = re.compile(r"^\.dev2pro-(?:(\d+)-)?.*\.tmp$")  # older versions wrote no pid
 STALE_SECONDS = 24 * 3600
+
+
+class WriteFailed(OSError):
+    """Writing new files failed and none of them was left behind; ``cause`` says why in words."""
+
+    def __init__(self, paths: list[str], cause: str, code: int | None):
+        super().__init__(code, cause)
+        self.paths, self.cause, self.code = paths, cause, code
+
+
+def error_code(e: BaseException) -> int | None:
+    """The errno of an OSError, or of an I/O error safetensors reports as text ('... (os error 28)')."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    match = re.search(r"os error (\d+)", str(e))
+    return int(match.group(1)) if match else None
+
+
+def cause_in_words(e: BaseException, folder: str, needed: int) -> str:
+    code = error_code(e)
+    if code == errno.EROFS:
+        return f"{folder} is on a read-only file system"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"ComfyUI may not write to {folder} (permission denied)"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = 0
+        return f"the disk is full: about {needed:,} bytes are needed, {free:,} are free"
+    return os.strerror(code) if code else f"{type(e).__name__}: {e}"
 
 
 def _alive(pid: int) -> bool:
@@ -72,9 +105,22 @@ def _link_new(tmp: str, path: str) -> None:
         os.replace(tmp, path)
 
 
-def write_new_files(files: list[tuple[str, Callable[[str], None]]]) -> None:
+def write_new_files(files: list[tuple[str, Callable[[str], None]]], needed: int = 0) -> None:
     """Write each ``(path, write)`` (``write(tmp)`` fills a temporary file) so that either every path appears or
-    none does; never replaces an existing file (FileExistsError, with nothing left behind)."""
+    none does; never replaces an existing file (FileExistsError, with nothing left behind). Any other failure
+    raises WriteFailed, its cause in words (``needed``: the bytes the files take, for a full disk)."""
+    try:
+        _write_new_files(files)
+    except FileExistsError:
+        raise
+    except Exception as e:  # OSError, or safetensors' own error type wrapping one
+        if error_code(e) is None and not isinstance(e, OSError):
+            raise  # not the file system's doing
+        folder = os.path.dirname(os.path.abspath(files[0][0]))
+        raise WriteFailed([p for p, _ in files], cause_in_words(e, folder, needed), error_code(e)) from e
+
+
+def _write_new_files(files: list[tuple[str, Callable[[str], None]]]) -> None:
     temps, linked = [], []
     try:
         for path, write in files:

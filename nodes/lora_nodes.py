@@ -1,6 +1,7 @@
 """Saving a trained LoRA to models/loras, loading any Flux.1 LoRA, and applying one to a MODEL (Flux-dev)."""
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -10,6 +11,7 @@ import comfy.lora_convert
 import folder_paths
 from comfy_api.latest import io
 
+from ..core.atomic_files import WriteFailed
 from ..core.lora_convert import NotAFluxLoRA
 from ..core.lora_format import (FORMATS, STATE_EXTENSION, TrainedLoRA, file_tensors, layer_prefixes,
                                 load_training_state, lora_metadata, read_lora_file, save_numbered_lora,
@@ -44,7 +46,19 @@ def write_lora(tensors: dict, info: dict, prefix: str, state: TrainingState | No
                                   lambda p: {**lora_metadata(info, os.path.basename(p)), **format_metadata}, parts)
     except FileExistsError as e:
         raise node_error("Dev2ProSaveLoRA", "filename_prefix", f"could not find a free file name for '{prefix}'.") from e
+    except WriteFailed as e:
+        raise node_error("Dev2ProSaveLoRA", "filename_prefix", write_failure(e)) from e
     return path
+
+
+def write_failure(e: WriteFailed) -> str:
+    """What went wrong, that nothing was left half-written, and what to do."""
+    fix = {errno.EROFS: "make models/loras writable, or give a prefix in a writable folder",
+           errno.EACCES: "let ComfyUI's user write to models/loras, or give another prefix",
+           errno.ENOSPC: "free that much space"}.get(e.code, "fix that")
+    names = " and ".join(os.path.basename(p) for p in e.paths)
+    return (f"could not write {e.paths[0]}: {e.cause}. Nothing was written ({names} neither). Then {fix} and queue "
+            "again: a finished training run is handed on, not trained again.")
 
 
 def apply_lora(model, lora: dict, strength: float, node: str = "Dev2ProApplyLoRA"):

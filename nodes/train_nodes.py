@@ -15,6 +15,7 @@ from comfy_api.latest import io
 from ..core.config import (COMPILE_MODES, FP8_MATMUL_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS,
                            SettingError)
 from ..core import run_memo
+from ..core.atomic_files import WriteFailed
 from ..core.dataset import TrainingDataset
 from ..core.fp8_matmul import Fp8Unavailable
 from ..core.lora_format import TrainedLoRA
@@ -201,10 +202,15 @@ def rescue(node: str, model, config: TrainConfig, error: NonFiniteLoss) -> Value
     where = ""
     if good.state is not None and good.state.step > 0:
         good.state.info.update(info)
-        path = write_lora(good.weights.to_kohya(), info, f"{RESCUE_PREFIX}step_{good.state.step:05d}", good.state)
-        where = (f" The adapter after step {good.state.step}, the last good one, and its training state are saved as "
-                 f"{path}; continue from it with Load Training State and Continue Training, whose learning_rate "
-                 "input sets a lower rate for the steps it adds.")
+        try:
+            path = write_lora(good.weights.to_kohya(), info, f"{RESCUE_PREFIX}step_{good.state.step:05d}", good.state)
+            where = (f" The adapter after step {good.state.step}, the last good one, and its training state are saved "
+                     f"as {path}; continue from it with Load Training State and Continue Training, whose "
+                     "learning_rate input sets a lower rate for the steps it adds.")
+        except ValueError as e:  # the NaN stays the message; the failed rescue is said after it
+            why = e.__cause__.cause if isinstance(e.__cause__, WriteFailed) else str(e)
+            where = (f" The adapter after step {good.state.step}, the last good one, could not be saved to "
+                     f"models/loras/{RESCUE_PREFIX} ({why}).")
     return node_error(node, "learning_rate", f"training stopped: {error}.{where} Lower the learning rate, keep "
                       "max_grad_norm on (1.0), or check the dataset for broken images.")
 

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from conftest import ExecutionFailed
 from graphs import training_graph
 import random_models
 
@@ -99,3 +100,65 @@ def test_an_encode_clears_what_a_killed_encode_left_in_its_folder(core, tmp_path
     cache.get("text", same_folder, lambda: {"t": torch.ones(1)})
     assert not os.path.exists(left)
     assert len(os.listdir(folder)) == 2
+
+
+@pytest.fixture
+def small_mount(comfy, request):
+    """A tmpfs of ``request.param`` ('ro' or a size) mounted at models/loras/<name>: real read-only and full disks.
+    Needs the right to mount (root with CAP_SYS_ADMIN, as in this project's sandboxes and CI)."""
+    kind, name = request.param if isinstance(request.param, tuple) else (request.param, f"mount_{request.param}")
+    folder = comfy.path("loras", name)
+    os.makedirs(folder, exist_ok=True)
+    size = "1m" if kind == "ro" else kind
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        if kind == "ro":
+            subprocess.run(["mount", "-o", "remount,ro", folder], check=True)
+        yield name
+    finally:
+        subprocess.run(["umount", "-l", folder], check=True)
+
+
+@pytest.mark.parametrize("small_mount, cause", [("ro", "is on a read-only file system"),
+                                                ("8k", "the disk is full: about ")], indirect=["small_mount"])
+def test_a_read_only_or_full_folder_is_said_in_words_and_nothing_is_lost(comfy, model, small_mount, cause):
+    graph = with_state(training_graph(model, steps=2, prefix=f"{small_mount}/lora", seed=7))
+    with pytest.raises(ExecutionFailed) as caught:
+        comfy.run(graph)
+    message = caught.value.message
+    final = comfy.path("loras", small_mount, "lora_00001.safetensors")
+    assert message.startswith(f"Dev2ProSaveLoRA (filename_prefix): could not write {final}: "), message
+    assert cause in message and "Nothing was written (lora_00001.safetensors and lora_00001.dev2pro-state neither)" \
+        in message, message
+    assert "bytes are needed" not in message or "are free" in message
+    assert os.listdir(comfy.path("loras", small_mount)) == [], "no temporary or half file"
+    # fixed (another prefix), queued again: the finished run is handed on, not trained again
+    graph["save"]["inputs"]["filename_prefix"] = f"after_{small_mount}/lora"
+    steps = []
+    record = comfy.server.send_sync
+    comfy.server.send_sync = lambda e, d, sid=None: (steps.append(d) if e == "dev2pro.train.step" else None,
+                                                    record(e, d, sid))
+    try:
+        comfy.run(graph)
+    finally:
+        comfy.server.send_sync = record
+    assert steps == [] and os.path.isfile(comfy.path("loras", f"after_{small_mount}", "lora_00001.safetensors"))
+
+
+@pytest.mark.parametrize("small_mount", [("ro", "dev2pro-rescue")], indirect=True)
+def test_a_nan_stays_the_message_when_its_rescue_cannot_be_saved(comfy, core, model, small_mount):
+    probe = core.dataset.TrainingDataset([core.dataset.TrainingSample(torch.zeros(16, 8, 8), torch.zeros(6, 48),
+                                                                      torch.zeros(32)) for _ in range(2)])
+    plan = core.dataset.BatchPlan(probe, 1, 9)
+    bad_step = next(k + 1 for k in range(20) if plan.batch(k) != plan.batch(0))
+    graph = training_graph(model, steps=20, prefix="nan_ro/lora", seed=9)
+    graph["latents"]["inputs"]["broken_index"] = plan.batch(bad_step - 1)[0]
+    with pytest.raises(ExecutionFailed) as caught:
+        comfy.run(graph)
+    message = caught.value.message
+    assert message.startswith(f"Dev2ProTrainLoRA (learning_rate): training stopped: the loss became NaN or infinite "
+                              f"at step {bad_step}."), message
+    assert f"The adapter after step {bad_step - 1}, the last good one, could not be saved to models/loras/" \
+           "dev2pro-rescue/ (" in message and "read-only file system" in message, message
+    assert "Lower the learning rate" in message
