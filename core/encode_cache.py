@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic_files import temp_file
+from .atomic_files import cause_in_words, error_code, temp_file
 from .dataset import TrainingDataset, TrainingSample
 from .image_folder import DatasetError, file_sha256, final_caption, scan_folder, training_pixels
 
@@ -45,6 +45,7 @@ class EncodeCache:
     root: str
     hits: int = 0
     misses: int = 0
+    unwritable: int = 0  # entries made but not stored (read-only or full disk)
 
     def path_for(self, kind: str, key: dict) -> str:
         digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()
@@ -60,6 +61,22 @@ class EncodeCache:
             except Exception as e:  # a damaged entry (disk full, killed mid-write elsewhere): make it again
                 log.warning("dev2pro-lora: re-making damaged cache entry %s (%s)", path, e)
         tensors = {k: v.detach().cpu().contiguous() for k, v in make().items()}
+        self.misses += 1
+        try:
+            self._store(path, tensors)
+        except Exception as e:  # a read-only or full disk: the dataset is built all the same, only not cached
+            if error_code(e) is None and not isinstance(e, OSError):
+                raise
+            self.unwritable += 1
+            if self.unwritable == 1:
+                log.warning("dev2pro-lora: cannot write the encode cache in %s (%s); encoding goes on without "
+                            "caching, so the next run encodes again. Free space or make it writable.", self.root,
+                            cause_in_words(e, os.path.dirname(path), sum(t.numel() * t.element_size()
+                                                                         for t in tensors.values())))
+        return tensors
+
+    @staticmethod
+    def _store(path: str, tensors: dict[str, torch.Tensor]) -> None:
         tmp = temp_file(os.path.dirname(path))  # also clears what a killed encode left there
         try:
             save_file(tensors, tmp)
@@ -67,8 +84,6 @@ class EncodeCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        self.misses += 1
-        return tensors
 
 
 def build_folder_dataset(folder: str, resolution: int, trigger_word: str, missing_captions: str,

@@ -1,5 +1,7 @@
 """Saving writes a LoRA and its training state as one unit, numbered past both kinds of file, and clears the
 temporary files that a killed save or encode left behind."""
+import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -102,12 +104,10 @@ def test_an_encode_clears_what_a_killed_encode_left_in_its_folder(core, tmp_path
     assert len(os.listdir(folder)) == 2
 
 
-@pytest.fixture
-def small_mount(comfy, request):
-    """A tmpfs of ``request.param`` ('ro' or a size) mounted at models/loras/<name>: real read-only and full disks.
-    Needs the right to mount (root with CAP_SYS_ADMIN, as in this project's sandboxes and CI)."""
-    kind, name = request.param if isinstance(request.param, tuple) else (request.param, f"mount_{request.param}")
-    folder = comfy.path("loras", name)
+@contextlib.contextmanager
+def tmpfs(folder: str, kind: str):
+    """A tmpfs at ``folder``, read-only ('ro') or of a size ('8k'): real read-only and full disks. Needs the right
+    to mount (root with CAP_SYS_ADMIN, as in this project's sandboxes and CI); skips the test where that is denied."""
     os.makedirs(folder, exist_ok=True)
     size = "1m" if kind == "ro" else kind
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], capture_output=True).returncode:
@@ -115,9 +115,17 @@ def small_mount(comfy, request):
     try:
         if kind == "ro":
             subprocess.run(["mount", "-o", "remount,ro", folder], check=True)
-        yield name
+        yield folder
     finally:
         subprocess.run(["umount", "-l", folder], check=True)
+
+
+@pytest.fixture
+def small_mount(comfy, request):
+    """``tmpfs`` at models/loras/<name> for ``request.param`` = kind or (kind, name)."""
+    kind, name = request.param if isinstance(request.param, tuple) else (request.param, f"mount_{request.param}")
+    with tmpfs(comfy.path("loras", name), kind):
+        yield name
 
 
 @pytest.mark.parametrize("small_mount, cause", [("ro", "is on a read-only file system"),
@@ -162,3 +170,13 @@ def test_a_nan_stays_the_message_when_its_rescue_cannot_be_saved(comfy, core, mo
     assert f"The adapter after step {bad_step - 1}, the last good one, could not be saved to models/loras/" \
            "dev2pro-rescue/ (" in message and "read-only file system" in message, message
     assert "Lower the learning rate" in message
+
+
+def test_an_unwritable_encode_cache_encodes_all_the_same_and_says_so(core, tmp_path, caplog):
+    with tmpfs(str(tmp_path / "cache"), "ro") as root:
+        cache = core.encode_cache.EncodeCache(root)
+        with caplog.at_level(logging.WARNING, logger="dev2pro-lora"):
+            tensors = [cache.get("text", {"caption": c}, lambda: {"t": torch.ones(3)}) for c in "ab"]
+    assert all(torch.equal(t["t"], torch.ones(3)) for t in tensors) and cache.unwritable == 2
+    [warning] = [r.getMessage() for r in caplog.records if "encode cache" in r.getMessage()]
+    assert "is on a read-only file system" in warning and "without caching" in warning
