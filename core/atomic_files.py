@@ -36,6 +36,15 @@ def error_code(e: BaseException) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def is_file_system_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) or error_code(e) is not None
+
+
+def tensor_bytes(*tensor_dicts: dict) -> int:
+    """The bytes the tensors of ``tensor_dicts`` take on disk (headers aside), for a full disk's message."""
+    return sum(t.numel() * t.element_size() for d in tensor_dicts for t in d.values() if hasattr(t, "element_size"))
+
+
 def cause_in_words(e: BaseException, folder: str, needed: int) -> str:
     code = error_code(e)
     if code == errno.EROFS:
@@ -114,8 +123,8 @@ def write_new_files(files: list[tuple[str, Callable[[str], None]]], needed: int 
     except FileExistsError:
         raise
     except Exception as e:  # OSError, or safetensors' own error type wrapping one
-        if error_code(e) is None and not isinstance(e, OSError):
-            raise  # not the file system's doing
+        if not is_file_system_error(e):
+            raise
         folder = os.path.dirname(os.path.abspath(files[0][0]))
         raise WriteFailed([p for p, _ in files], cause_in_words(e, folder, needed), error_code(e)) from e
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic_files import cause_in_words, error_code, temp_file
+from .atomic_files import cause_in_words, is_file_system_error, temp_file, tensor_bytes
 from .dataset import TrainingDataset, TrainingSample
 from .image_folder import DatasetError, file_sha256, final_caption, scan_folder, training_pixels
 
@@ -65,14 +65,13 @@ class EncodeCache:
         try:
             self._store(path, tensors)
         except Exception as e:  # a read-only or full disk: the dataset is built all the same, only not cached
-            if error_code(e) is None and not isinstance(e, OSError):
+            if not is_file_system_error(e):
                 raise
             self.unwritable += 1
             if self.unwritable == 1:
                 log.warning("dev2pro-lora: cannot write the encode cache in %s (%s); encoding goes on without "
                             "caching, so the next run encodes again. Free space or make it writable.", self.root,
-                            cause_in_words(e, os.path.dirname(path), sum(t.numel() * t.element_size()
-                                                                         for t in tensors.values())))
+                            cause_in_words(e, os.path.dirname(path), tensor_bytes(tensors)))
         return tensors
 
     @staticmethod

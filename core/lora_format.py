@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic_files import write_new_files
+from .atomic_files import tensor_bytes, write_new_files
 from .lora_convert import SUFFIXES, Converted, layer_of, to_comfy, to_diffusers
 
 # With the suffixes ComfyUI's loader reads beyond lora_convert's (comfy/lora.py), longest first.
@@ -152,10 +152,6 @@ def save_new_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[st
     return path
 
 
-def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
-
-
 def save_numbered_lora(directory: str, prefix: str, tensors: dict[str, torch.Tensor],
                        metadata_for: Callable[[str], dict[str, str]], state: "StateParts | None" = None) -> str:
     """Save as the next free ``<prefix>_NNNNN.safetensors`` under ``directory``, with ``state`` beside it as
@@ -167,7 +163,7 @@ def save_numbered_lora(directory: str, prefix: str, tensors: dict[str, torch.Ten
         if state is not None:
             files.append((state_path_for(path), lambda tmp: save_file(state.tensors, tmp, metadata=state.metadata)))
         try:
-            write_new_files(files, needed=sum(_nbytes(t) for t in (tensors, state.tensors if state else {})))
+            write_new_files(files, needed=tensor_bytes(tensors, state.tensors if state else {}))
             return path
         except FileExistsError:
             continue

@@ -20,12 +20,15 @@ _SAMPLE = 4096  # elements read from each base tensor: any merge or fine-tune of
 _runs: OrderedDict[str, object] = OrderedDict()
 
 
-def _tensor(h, t: torch.Tensor, sample: bool) -> None:
+def _tensor(h, t: torch.Tensor, sample: bool, as_dtype: torch.dtype | None = None) -> None:
+    """``t``'s dtype, shape and values (the first _SAMPLE with ``sample``), or its values cast to ``as_dtype``."""
     t = t.detach()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(f"{as_dtype or t.dtype}{tuple(t.shape)}".encode())
     if t.device.type == "meta":
         return
     flat = t.reshape(-1)[:_SAMPLE] if sample else t.reshape(-1)
+    if as_dtype is not None:
+        flat = flat.float().cpu().to(as_dtype)
     h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
 
 
@@ -59,11 +62,11 @@ def _value(h, value) -> None:
         h.update(f"{type(value).__name__}@{id(value)}".encode())
 
 
-def _module(h, module: torch.nn.Module) -> None:
+def _module(h, module: torch.nn.Module, as_dtype: torch.dtype | None = None) -> None:
     for name, tensor in module.state_dict(keep_vars=True).items():
         h.update(name.encode())
         if tensor is not None:
-            _tensor(h, tensor, sample=True)
+            _tensor(h, tensor, sample=True, as_dtype=as_dtype)
 
 
 def model_key(model_patcher) -> str:
@@ -103,13 +106,6 @@ def base_fingerprint(model_patcher) -> str:
     """What a training state was made for: every transformer tensor's name, shape and a sample of its values cast
     to fp8 e4m3fn (so the same file loaded in fp8 or bf16 matches), and ComfyUI weight patches on it."""
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in model_patcher.model.diffusion_model.state_dict(keep_vars=True).items():
-        if tensor is None:
-            continue
-        t = tensor.detach()
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        if t.device.type != "meta":
-            sample = t.reshape(-1)[:_SAMPLE].float().cpu().to(torch.float8_e4m3fn)
-            h.update(sample.view(torch.uint8).numpy().tobytes())
+    _module(h, model_patcher.model.diffusion_model, as_dtype=torch.float8_e4m3fn)
     _value(h, model_patcher.patches)
     return h.hexdigest()
