@@ -19,12 +19,16 @@ FP8_MATMUL_MODES = ("off", "on")
 FLUX_BLOCKS = 57  # Flux.1: 19 double + 38 single blocks
 
 
-class SettingError(ValueError):
-    """A training setting is out of range; ``input_name`` is the setting (and the node input of that name)."""
+class InputError(ValueError):
+    """Bad input; ``input_name`` is the node input it belongs to, as data, so nodes never parse it from the text."""
 
     def __init__(self, input_name: str, message: str):
         super().__init__(message)
         self.input_name = input_name
+
+
+class SettingError(InputError):
+    """A training setting is out of range; ``input_name`` is the setting (and the node input of that name)."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 import comfy.sample
 import comfy.samplers
 
-from .config import GUIDANCE_OPTION
+from .config import GUIDANCE_OPTION, InputError
 
 # Modules whose outputs carry the guidance into the network (Flux.1 in ComfyUI 0.3.64 and 0.33).
 MODULATION = re.compile(r"(^|\.)((img|txt)_mod|modulation|double_stream_modulation_(img|txt)|single_stream_modulation)"
@@ -34,12 +34,8 @@ KEPT = (0.8, 1.25)  # a response within these fractions of the base's counts as 
 FLAT = 1e-6  # a response below this is no response at all (float32 noise of identical predictions is 0)
 
 
-class ResponseInputError(ValueError):
+class ResponseInputError(InputError):
     """An input of the guidance-response check is unusable; ``input_name`` says which."""
-
-    def __init__(self, input_name: str, message: str):
-        super().__init__(message)
-        self.input_name = input_name
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .block_swap import block_swap
 from .comfy_compat import first_quantized_weight, non_dynamic, training_mode
 from . import blocks, step_graphs
 from .blocks import BlockRunner, compiler_settings
-from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, TrainConfig  # noqa: F401 (re-exported)
+from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, InputError, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
 from .fp8_matmul import Fp8Unavailable, fp8_base_matmuls, unsupported_reason
 from .lora_format import LoRAWeights
@@ -63,16 +63,18 @@ class TrainResult:
     stopped_early: bool = False
 
 
-class ModelInputError(ValueError):
+class ModelInputError(InputError):
     """The MODEL input cannot be trained as it is; the message says what to connect instead."""
 
-    input_name = "model"
+    def __init__(self, message: str):
+        super().__init__("model", message)
 
 
-class StateMismatch(ValueError):
+class StateMismatch(InputError):
     """The training state's adapter does not fit this model's layers."""
 
-    input_name = "training_state"
+    def __init__(self, message: str):
+        super().__init__("training_state", message)
 
 
 class NonFiniteLoss(ArithmeticError):

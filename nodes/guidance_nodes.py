@@ -5,7 +5,7 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..core.guidance_response import (SETTINGS, CheckSettings, ResponseInputError, check_latent, check_model, measure,
-                                      prompts_of, report, to_json, verdict)
+                                      prompts_of, report, to_json)
 from ..core.response_plot import draw_response
 from .common import CATEGORY, node_error
 from .train_nodes import pil_to_image
@@ -73,7 +73,7 @@ class Dev2ProGuidanceResponse(io.ComfyNode):
         progress = comfy.utils.ProgressBar(settings.forwards * len(prompts) * len(models), node_id=cls.hidden.unique_id)
         curves = [measure(m, prompts, settings, x0, on_forward=lambda: progress.update(1)) for m in models]
         base, other = curves[0], (curves[1] if len(curves) > 1 else None)
-        line = verdict(base, other)
-        numbers = to_json(report(base, other, settings, len(prompts)))
+        numbers = report(base, other, settings, len(prompts))
+        line = numbers["verdict"]
         plot = pil_to_image(draw_response(base, other, line))
-        return io.NodeOutput(plot, numbers, line, ui=ui.PreviewImage(plot))
+        return io.NodeOutput(plot, to_json(numbers), line, ui=ui.PreviewImage(plot))

@@ -13,7 +13,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..core.config import (COMPILE_MODES, FP8_MATMUL_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS,
-                           SettingError)
+                           InputError, SettingError)
 from ..core import run_memo
 from ..core.atomic_files import WriteFailed
 from ..core.dataset import TrainingDataset
@@ -21,8 +21,8 @@ from ..core.fp8_matmul import Fp8Unavailable
 from ..core.lora_format import TrainedLoRA
 from ..core.loss_plot import draw_loss_curve
 from ..core.optimizers import MissingPackage
-from ..core.training import (DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, ModelInputError, NonFiniteLoss, StateMismatch,
-                             StepInfo, TrainConfig, TrainingState, TrainResult, train_lora)
+from ..core.training import (DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, NonFiniteLoss, StepInfo, TrainConfig,
+                             TrainingState, TrainResult, train_lora)
 from .common import CATEGORY, MODEL_NAME_OPTION, AdvancedSettings, Dataset, PreviewSettings, TrainingStateType, node_error
 from .lora_nodes import write_lora
 from .preview_nodes import Previews, sample_previews
@@ -66,19 +66,20 @@ class _Cancelled:
         return node + json.dumps({k: v for k, v in constants.items() if v is not None}, sort_keys=True, default=str)
 
     @classmethod
-    def add(cls, node: str, hidden) -> None:
+    def add(cls, node_cls, hidden) -> None:
         """Count a Cancel of the node ``hidden.unique_id``: its constant inputs as the prompt gives them, as far as
         the node declares them (those are what ComfyUI fingerprints)."""
         inputs = (hidden.prompt or {}).get(str(hidden.unique_id), {}).get("inputs", {})
-        node_cls = next(c for c in _TrainingNode.__subclasses__() if c.NODE == node)
         declared = {name for section in node_cls.INPUT_TYPES().values() for name in section}
-        key = cls.key(node, {k: v for k, v in inputs.items() if k in declared and not isinstance(v, list)})
+        key = cls.key(node_cls.NODE, {k: v for k, v in inputs.items() if k in declared and not isinstance(v, list)})
         cls.counts[key] = cls.counts.get(key, 0) + 1
 
 
-def run_training(node: str, hidden, model, dataset: TrainingDataset, config: TrainConfig,
-                 resume: TrainingState | None, stop_at_step: int, previews: Previews | None) -> io.NodeOutput:
-    """What both training nodes do: progress, events, Cancel, previews, NaN rescue, and the four outputs."""
+def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig, resume: TrainingState | None,
+                 stop_at_step: int, previews: Previews | None) -> io.NodeOutput:
+    """What both training nodes do: progress, events, Cancel, previews, NaN rescue, and the four outputs.
+    ``node_cls``: the executing node's class, whose ``hidden`` holds its id and prompt."""
+    node, hidden = node_cls.NODE, node_cls.hidden
     key = run_memo.run_key(node, model, dataset, config, resume, stop_at_step, previews)
     finished = run_memo.recall(key)
     if finished is not None:
@@ -123,14 +124,14 @@ def run_training(node: str, hidden, model, dataset: TrainingDataset, config: Tra
         raise node_error(node, "optimizer", str(e)) from e
     except Fp8Unavailable as e:
         raise node_error(node, "advanced: fp8_matmul", str(e)) from e
-    except (ModelInputError, SettingError, StateMismatch) as e:
+    except InputError as e:  # SettingError, ModelInputError, StateMismatch
         raise node_error(node, e.input_name, str(e)) from e
     except ValueError as e:
         raise node_error(node, "model/dataset/training_state", str(e)) from e
     should_stop()  # a Cancel that arrived inside an op (0.33+) ended the session; it is seen here
     if cancelled[0]:
         comfy.model_management.interrupt_current_processing(False)
-        _Cancelled.add(node, hidden)
+        _Cancelled.add(node_cls, hidden)
         first = resume.step if resume is not None else 0
         if result.state is None or result.state.step <= first + 1:
             # Cancel as training starts (0.3.64 only sees it once the first step is done): ComfyUI's own Cancel,
@@ -260,7 +261,7 @@ class Dev2ProTrainLoRA(_TrainingNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="Dev2ProTrainLoRA",
+            node_id=cls.NODE,
             display_name="Train Flux LoRA (Dev2Pro)",
             category=CATEGORY,
             description="Trains a LoRA on the double and single blocks of a Flux transformer with the rectified-"
@@ -340,7 +341,7 @@ class Dev2ProTrainLoRA(_TrainingNode):
         except SettingError as e:
             where = f"advanced: {e.input_name}" if e.input_name in (advanced or {}) else e.input_name
             raise node_error("Dev2ProTrainLoRA", where, str(e)) from e
-        return run_training("Dev2ProTrainLoRA", cls.hidden, model, dataset, config, None, stop_at_step,
+        return run_training(cls, model, dataset, config, None, stop_at_step,
                             previews)
 
 
@@ -350,7 +351,7 @@ class Dev2ProContinueTraining(_TrainingNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="Dev2ProContinueTraining",
+            node_id=cls.NODE,
             display_name="Continue Training (Dev2Pro)",
             category=CATEGORY,
             description="Carries a training run on from its state (from Train LoRA or Load Training State) with the "
@@ -401,7 +402,7 @@ class Dev2ProContinueTraining(_TrainingNode):
         if training_state.step >= config.steps:
             log.info("Dev2ProContinueTraining: the run is already at step %d of %d; raise 'steps' to train more",
                      training_state.step, config.steps)
-        return run_training("Dev2ProContinueTraining", cls.hidden, model, dataset, config, training_state,
+        return run_training(cls, model, dataset, config, training_state,
                             stop_at_step, previews)
 
 
