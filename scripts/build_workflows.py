@@ -25,6 +25,8 @@ def node(class_type, title, **inputs):
     return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
 
 
+# Flux-dev's usual sampling: guidance comes from FluxGuidance, so cfg 1.
+SAMPLE = dict(seed=0, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
 GRAPH = {
     "1": node("Dev2ProLoadModel", "Load Flux-dev2pro (training base)", model_name=DEV2PRO_FILE, weight_dtype="fp8_e4m3fn"),
     "2": node("Dev2ProTrainingGuidance", "Training guidance 1.0", model=["1", 0], guidance=1.0),
@@ -45,7 +47,7 @@ GRAPH = {
     "16": node("ConditioningZeroOut", "Empty negative", conditioning=["14", 0]),
     "17": node("EmptySD3LatentImage", "Image size", width=1024, height=1024, batch_size=1),
     "18": node("KSampler", "Sample on Flux-dev", model=["13", 0], positive=["15", 0], negative=["16", 0],
-               latent_image=["17", 0], seed=0, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0),
+               latent_image=["17", 0], **SAMPLE),
     "19": node("VAEDecode", "Decode", samples=["18", 0], vae=["4", 0]),
     "20": node("SaveImage", "Save sample", images=["19", 0], filename_prefix="dev2pro/sample"),
 }
@@ -60,6 +62,8 @@ POSITIONS = {
 # The A/B recipe: the same dataset, seed and steps trained on Flux-dev2pro at guidance 1.0 and on Flux-dev at 3.5,
 # both applied to Flux-dev with the same prompt and seed; samples side by side, each with its guidance-response plot.
 TRAIN = dict(steps=1000, learning_rate=0.0001, rank=16, alpha=16.0, seed=0, gradient_checkpointing=True)
+CHECK = dict(guidance_values="1, 2, 3.5, 5, 7", noise_levels="0.5, 0.75, 0.9", seeds=2, first_seed=0, width=1024,
+             height=1024)  # Dev2ProGuidanceResponse's defaults
 AB_GRAPH = {
     "1": node("Dev2ProLoadModel", "Load Flux-dev2pro (A: training base)", model_name=DEV2PRO_FILE, weight_dtype="fp8_e4m3fn"),
     "2": node("Dev2ProTrainingGuidance", "A: training guidance 1.0", model=["1", 0], guidance=1.0),
@@ -82,19 +86,17 @@ AB_GRAPH = {
     "16": node("ConditioningZeroOut", "Empty negative", conditioning=["14", 0]),
     "17": node("EmptySD3LatentImage", "Image size", width=1024, height=1024, batch_size=1),
     "18": node("KSampler", "A: sample on Flux-dev", model=["12", 0], positive=["15", 0], negative=["16", 0],
-               latent_image=["17", 0], seed=0, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0),
+               latent_image=["17", 0], **SAMPLE),
     "19": node("KSampler", "B: sample on Flux-dev", model=["13", 0], positive=["15", 0], negative=["16", 0],
-               latent_image=["17", 0], seed=0, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0),
+               latent_image=["17", 0], **SAMPLE),
     "20": node("VAEDecode", "A: decode", samples=["18", 0], vae=["5", 0]),
     "21": node("VAEDecode", "B: decode", samples=["19", 0], vae=["5", 0]),
     "22": node("SaveImage", "A: dev2pro at 1.0", images=["20", 0], filename_prefix="dev2pro/ab_dev2pro_g1"),
     "23": node("SaveImage", "B: Flux-dev at 3.5", images=["21", 0], filename_prefix="dev2pro/ab_dev_g3.5"),
     "24": node("Dev2ProGuidanceResponse", "A: guidance response kept?", model=["3", 0], conditioning=["14", 0],
-               guidance_values="1, 2, 3.5, 5, 7", noise_levels="0.5, 0.75, 0.9", seeds=2, first_seed=0, width=1024,
-               height=1024, model_b=["12", 0]),
+               **CHECK, model_b=["12", 0]),
     "25": node("Dev2ProGuidanceResponse", "B: guidance response kept?", model=["3", 0], conditioning=["14", 0],
-               guidance_values="1, 2, 3.5, 5, 7", noise_levels="0.5, 0.75, 0.9", seeds=2, first_seed=0, width=1024,
-               height=1024, model_b=["13", 0]),
+               **CHECK, model_b=["13", 0]),
 }
 # Two rows, A above B, left to right: models, dataset and prompt, training, apply, sample, decode, image, check.
 AB_POSITIONS = {
