@@ -82,7 +82,8 @@ def demo_files(comfy):
     random_models.write_flux(comfy.path("diffusion_models", "ab_dev.safetensors"), random_models.DEMO_FLUX, seed=32,
                              dtype=torch.float8_e4m3fn)
     random_models.write_flux_vae(comfy.path("vae", "ab_vae.safetensors"))
-    random_models.write_clip_l(comfy.path("text_encoders", "ab_clip_l.safetensors"))
+    # its own weights: a CLIP-L of the default seed would share encode-cache entries with other tests
+    random_models.write_clip_l(comfy.path("text_encoders", "ab_clip_l.safetensors"), seed=33)
     folder = comfy.path("input", "ab_dataset")
     os.makedirs(folder)
     for i, colour in enumerate(["red", "blue"]):
