@@ -46,6 +46,7 @@ class EncodeCache:
     hits: int = 0
     misses: int = 0
     unwritable: int = 0  # entries made but not stored (read-only or full disk)
+    read_only: bool = False  # a torchrun rank other than 0: only rank 0 writes files
 
     def path_for(self, kind: str, key: dict) -> str:
         digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()
@@ -62,6 +63,8 @@ class EncodeCache:
                 log.warning("dev2pro-lora: re-making damaged cache entry %s (%s)", path, e)
         tensors = {k: v.detach().cpu().contiguous() for k, v in make().items()}
         self.misses += 1
+        if self.read_only:
+            return tensors
         try:
             self._store(path, tensors)
         except Exception as e:  # a read-only or full disk: the dataset is built all the same, only not cached

@@ -22,7 +22,7 @@ import comfy.model_management
 
 from .block_swap import block_swap
 from .comfy_compat import first_quantized_weight, non_dynamic, training_mode
-from . import blocks, step_graphs
+from . import blocks, distributed, step_graphs
 from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, InputError, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
@@ -160,13 +160,15 @@ def velocity_loss(prediction: torch.Tensor, target: torch.Tensor, config: TrainC
 
 
 def _micro_batch(dataset: TrainingDataset, indices: list[int], config: TrainConfig, generator: torch.Generator,
-                 pin: bool = False):
-    """Stacked latents, captions (with dropout) and pooled vectors of one micro-batch, each row its own caption;
-    the captions in page-locked memory with ``pin`` (they are the large part of a GPU step's input copies)."""
-    samples = [dataset.samples[i] for i in indices]
+                 rows: slice, pin: bool = False):
+    """Stacked latents, captions (with dropout) and pooled vectors of the ``rows`` of one micro-batch, each row its
+    own caption; the captions in page-locked memory with ``pin`` (they are the large part of a GPU step's input
+    copies). Dropout is drawn for every row of the batch, so each row's draw does not depend on ``rows``."""
+    drops = [config.caption_dropout > 0 and float(torch.rand(1, generator=generator)) < config.caption_dropout
+             for _ in indices][rows]
+    samples = [dataset.samples[i] for i in indices[rows]]
     contexts, pooled = [], []
-    for sample in samples:
-        drop = config.caption_dropout > 0 and float(torch.rand(1, generator=generator)) < config.caption_dropout
+    for sample, drop in zip(samples, drops):
         if drop:
             contexts.append(dataset.empty_caption[0])
             pooled.append(dataset.empty_caption[1])
@@ -303,7 +305,8 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
         stopped = _train_session(model_patcher, dataset, run, plan, until, on_step, should_stop)
         if previewing and (run.step % preview_every == 0 or run.step == end):
             on_preview(run.step, run.weights())
-            stopped = stopped or bool(should_stop and should_stop())
+            # with ranks, a stop is decided at a step, for all of them at once
+            stopped = stopped or (distributed.current() is None and bool(should_stop and should_stop()))
     if run.adapter is None:  # nothing left to train: hand the resumed state back
         if resume is None:
             raise ValueError("no training steps to run")
@@ -319,7 +322,9 @@ def activation_bytes(config: TrainConfig, dataset: TrainingDataset) -> int:
     """
     tokens = max(s.latent.shape[-1] * s.latent.shape[-2] // 4 + s.context.shape[-2] for s in dataset.samples)
     per_token = 0.8e6 if config.gradient_checkpointing else 12e6
-    return int(tokens * config.batch_size * per_token) + 2**30
+    ranks = distributed.current()
+    rows = config.batch_size if ranks is None else ranks.rows(config.batch_size)
+    return int(tokens * max(rows, 1) * per_token) + 2**30
 
 
 @dataclass
@@ -380,12 +385,32 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
         deferred = _deferred_check(run.optimizer)
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
 
-        def gradients(inputs) -> torch.Tensor:
-            loss = _forward_backward(transformer, transformer_options, autocast, config, inputs, device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            return torch.stack([loss, grad_norm.to(loss)])
+        ranks = distributed.current()
+        flags = ranks.flags(device) if ranks is not None else None  # read by the step's all-reduce (and its CUDA graph)
+        own_failure: list[BaseException | None] = [None]
 
-        if _graphed(device, runner, deferred):
+        def gradients(inputs) -> torch.Tensor:
+            """[loss, gradient norm], and with ranks [.., stop, failed per rank], summed over the ranks."""
+            if ranks is None:
+                loss = _forward_backward(transformer, transformer_options, autocast, config, inputs, device)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                return torch.stack([loss, grad_norm.to(loss)])
+            try:
+                loss = _forward_backward(transformer, transformer_options, autocast, config, inputs, device)
+            except Exception as e:  # noqa: BLE001  the other ranks hear of it through the all-reduce, then it is raised
+                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise  # GraphedSteps goes on eagerly
+                own_failure[0] = e
+                run.optimizer.zero_grad(set_to_none=True)
+                loss = torch.zeros((), device=device)
+                flags[1 + ranks.rank] = 1.0
+            reduced = ranks.reduce_step(params, loss, flags)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            # a step in which a rank failed is skipped as a NaN step is (fused AdamW's found_inf)
+            grad_norm = torch.where(reduced[2:].sum() > 0, math.inf, grad_norm.to(reduced))
+            return torch.cat([reduced[:1], grad_norm.reshape(1), reduced[1:]])
+
+        if _graphed(device, runner, deferred, ranks):
             steps = step_graphs.GraphedSteps(run.optimizer, gradients, deferred, device)
         else:
             steps = step_graphs.EagerSteps(run.optimizer, gradients, deferred)
@@ -393,10 +418,18 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
         clock = [time.perf_counter()]
 
         def commit(launched: _Launched) -> bool:
-            """Account for a finished step (raise NonFiniteLoss if it went bad); returns whether to stop."""
+            """Account for a finished step (raise NonFiniteLoss or PeerFailed if it went bad); returns whether to
+            stop."""
             if launched.done is not None:
-                launched.done.synchronize()
-            loss_value, norm_value = launched.stats.tolist()
+                if ranks is None:
+                    launched.done.synchronize()
+                else:  # polled, so that a SIGTERM from torchrun is handled while the GPU works
+                    while not launched.done.query():
+                        time.sleep(1e-4)
+            loss_value, norm_value, *step_flags = launched.stats.tolist()
+            if ranks is not None and any(step_flags[1:]):
+                run.optimizer.zero_grad(set_to_none=True)
+                raise _peer_failed(ranks, launched.step, step_flags[1:], own_failure[0], run.result())
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 run.optimizer.zero_grad(set_to_none=True)
                 what = "loss" if not math.isfinite(loss_value) else "gradient"
@@ -408,6 +441,8 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
                 on_step(StepInfo(launched.step, config.steps, loss_value, launched.learning_rate, now - clock[0],
                                  launched.indices))
             clock[0] = now
+            if ranks is not None:
+                return step_flags[0] > 0  # every rank stops after the same step
             return should_stop is not None and bool(should_stop())
 
         step = run.step
@@ -415,7 +450,11 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
             while step < until:
                 step += 1
                 lr = config.learning_rate * lr_multiplier(config, step)
-                inputs, first_indices = _step_inputs(run, dataset, plan, step, base, device, compute_dtype)
+                inputs, first_indices = _step_inputs(run, dataset, plan, step, base, device, compute_dtype, ranks)
+                if flags is not None:
+                    flags.zero_()
+                    if should_stop is not None and should_stop():
+                        flags[0] = 1.0
                 stats = steps.gradients(inputs)
                 if deferred:
                     if pending is not None and commit(pending):
@@ -445,39 +484,63 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
                 commit(pending)
             comfy.model_management.interrupt_current_processing(True)
             return True
+        except distributed.CollectiveFailed as e:  # a rank left the job (gloo); the last completed step is kept
+            run.optimizer.zero_grad(set_to_none=True)
+            if pending is not None and pending.step > run.step:
+                commit(pending)
+            raise distributed.PeerFailed(f"training stopped after step {run.step}: {e}", run.step + 1,
+                                         run.result()) from e
         finally:
             steps.close()
     return False
 
 
-def _graphed(device: torch.device, runner: BlockRunner, deferred: bool) -> bool:
+def _peer_failed(ranks: distributed.Ranks, step: int, failed: list[float], own: BaseException | None,
+                 result: TrainResult) -> distributed.PeerFailed:
+    if own is not None:
+        message = f"rank {ranks.rank} failed at step {step} ({type(own).__name__}: {own})"
+    else:
+        message = f"rank {ranks.describe_failed(failed)} failed at step {step} (that rank's log says why)"
+    error = distributed.PeerFailed(message + "; every rank stopped there", step, result)
+    error.__cause__ = own
+    return error
+
+
+def _graphed(device: torch.device, runner: BlockRunner, deferred: bool, ranks: distributed.Ranks | None) -> bool:
     """Whether a session replays its steps from CUDA graphs (core.step_graphs): on a GPU, with the compiler
     recomputing the blocks (no block swap, whose weights move in Python) and fused AdamW (which skips a NaN step on
-    the device)."""
-    return step_graphs.STEP_GRAPHS_ON_GPU and device.type == "cuda" and runner.recomputed_by_compiler and deferred
+    the device); with ranks, only when their all-reduce runs on the GPU (NCCL), which a graph can hold."""
+    return (step_graphs.STEP_GRAPHS_ON_GPU and device.type == "cuda" and runner.recomputed_by_compiler and deferred
+            and (ranks is None or ranks.device.type == "cuda"))
 
 
-def _step_inputs(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step: int, base, device,
-                 compute_dtype) -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
+def _step_inputs(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step: int, base, device, compute_dtype,
+                 ranks: distributed.Ranks | None) -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
     """Per micro-batch of step ``step``, what its forward reads, on the device: (x_t, t, context, pooled, guidance,
-    velocity target); and the dataset indices of its first micro-batch. Drawn on the CPU from the step's own
-    generators."""
+    velocity target, loss weight); and the dataset indices of its first micro-batch. Drawn on the CPU from the
+    step's own generators, for the whole batch: with ``ranks``, this rank keeps its share of the rows (none, for a
+    small last batch, leaves that micro-batch out) and weights its loss by that share."""
     config = run.config
     inputs, first_indices = [], None
     for micro in range(config.gradient_accumulation):
         indices = plan.batch((step - 1) * config.gradient_accumulation + micro)
         first_indices = first_indices or indices
+        rows = ranks.share(len(indices)) if ranks is not None else slice(0, len(indices))
+        if rows.start == rows.stop:
+            continue
         generator = torch.Generator().manual_seed(mix_seed(config.seed, 2, step, micro))
-        latents, context, pooled = _micro_batch(dataset, indices, config, generator, pin=_pinned_copies(device))
+        latents, context, pooled = _micro_batch(dataset, indices, config, generator, rows, pin=_pinned_copies(device))
         x0 = base.process_latent_in(latents)
-        noise = torch.randn(x0.shape, generator=generator)
+        noise = torch.randn((len(indices), *x0.shape[1:]), generator=generator)[rows]
         tokens = math.ceil(x0.shape[-2] / 2) * math.ceil(x0.shape[-1] / 2)
-        t = sample_timesteps(config, x0.shape[0], tokens, generator).view(-1, 1, 1, 1)
+        t = sample_timesteps(config, len(indices), tokens, generator)[rows].view(-1, 1, 1, 1)
         xt = (1 - t) * x0 + t * noise
         guidance = torch.full((x0.shape[0],), config.guidance)
+        weight = torch.tensor(x0.shape[0] / len(indices))  # 1.0 alone: the loss is unchanged, bit for bit
         inputs.append((_to_device(xt, device, compute_dtype), _to_device(t.flatten(), device),
                        _to_device(context, device, compute_dtype), _to_device(pooled, device, compute_dtype),
-                       _to_device(guidance, device, compute_dtype), _to_device(noise - x0, device)))
+                       _to_device(guidance, device, compute_dtype), _to_device(noise - x0, device),
+                       _to_device(weight, device)))
     return inputs, first_indices
 
 
@@ -485,11 +548,11 @@ def _forward_backward(transformer, transformer_options: dict, autocast, config: 
                       device) -> torch.Tensor:
     """Queue the forward and backward passes of one optimizer step; returns its loss (on the device, not read)."""
     loss_sum = torch.zeros((), device=device)
-    for xt, t, context, pooled, guidance, target in inputs:
+    for xt, t, context, pooled, guidance, target, weight in inputs:
         with autocast:
             velocity = transformer(xt, t, context, y=pooled, guidance=guidance,
                                    transformer_options=transformer_options)
-        loss = velocity_loss(velocity.float(), target, config) / config.gradient_accumulation
+        loss = velocity_loss(velocity.float(), target, config) * weight / config.gradient_accumulation
         loss.backward()
         loss_sum += loss.detach()
     return loss_sum

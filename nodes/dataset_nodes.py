@@ -7,6 +7,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..core.dataset import TrainingDataset
+from ..core import distributed
 from ..core.encode_cache import EncodeCache, build_folder_dataset, model_fingerprint
 from ..core.image_folder import MISSING_CAPTION_POLICIES, DatasetError, folder_fingerprint
 from .common import CATEGORY, Dataset, node_error
@@ -133,11 +134,15 @@ class Dev2ProDataset(io.ComfyNode):
             raise node_error("Dev2ProDataset", "folder", f"'{folder}' is not a folder (looked for {path}). Put the "
                              "images in a subfolder of ComfyUI's input folder, or give an absolute path.")
         progress = comfy.utils.ProgressBar(1, node_id=cls.hidden.unique_id)
-        try:
-            dataset = build_folder_dataset(
+        def build():
+            return build_folder_dataset(
                 path, resolution, trigger_word or "", missing_captions, vae_encoder(vae), text_encoder(clip),
                 vae_id=model_fingerprint(vae.first_stage_model.state_dict()), text_encoder_id=clip_fingerprint(clip),
-                cache=EncodeCache(encode_cache_root()), on_progress=lambda done, total: progress.update_absolute(done, total))
+                cache=EncodeCache(encode_cache_root(), read_only=not distributed.is_main()),
+                on_progress=lambda done, total: progress.update_absolute(done, total))
+
+        try:  # under torchrun rank 0 encodes into the cache first; the other ranks then read it
+            dataset = distributed.main_first(build, f"encoding the dataset {path}")
         except DatasetError as e:
             raise node_error("Dev2ProDataset", "folder", str(e)) from e
         return io.NodeOutput(dataset)

@@ -14,7 +14,7 @@ from comfy_api.latest import io
 
 from ..core.config import (COMPILE_MODES, FP8_MATMUL_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS,
                            InputError, SettingError)
-from ..core import run_memo
+from ..core import distributed, run_memo
 from ..core.atomic_files import WriteFailed
 from ..core.dataset import TrainingDataset
 from ..core.fp8_matmul import Fp8Unavailable
@@ -80,7 +80,9 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
     """What both training nodes do: progress, events, Cancel, previews, NaN rescue, and the four outputs.
     ``node_cls``: the executing node's class, whose ``hidden`` holds its id and prompt."""
     node, hidden = node_cls.NODE, node_cls.hidden
-    key = run_memo.run_key(node, model, dataset, config, resume, stop_at_step, previews)
+    ranks = distributed.current()
+    # the number of ranks changes the run's rounding (and its metadata), so it is part of what was trained
+    key = run_memo.run_key(node, model, dataset, config, resume, stop_at_step, previews, ranks and ranks.world)
     finished = run_memo.recall(key)
     if finished is not None:
         log.warning("%s: these inputs finished training earlier in this ComfyUI session (ComfyUI dropped that result "
@@ -103,9 +105,11 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
 
     def should_stop() -> bool:
         cancelled[0] = cancelled[0] or comfy.model_management.processing_interrupted()
-        return cancelled[0]
+        return cancelled[0] or distributed.stop_requested()
 
     def on_preview(step: int, weights) -> None:
+        if ranks is not None and not ranks.main:
+            return  # rank 0 samples the previews
         try:
             images = sample_previews(previews, weights.to_kohya())
             preview_images.append(images)
@@ -119,7 +123,11 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
                             should_stop=should_stop, preview_every=previews.every_steps if previews else 0,
                             on_preview=on_preview if previews else None)
     except NonFiniteLoss as e:
-        raise rescue(node, model, config, e) from e
+        raise rescue(node, model, config, e, "learning_rate", f"training stopped: {e}.", "Lower the learning rate, "
+                     "keep max_grad_norm on (1.0), or check the dataset for broken images.") from e
+    except distributed.PeerFailed as e:
+        raise rescue(node, model, config, e, "ranks", f"{e}.", "Fix what that rank reported and continue from the "
+                     "saved state (on any number of ranks).") from e
     except MissingPackage as e:
         raise node_error(node, "optimizer", str(e)) from e
     except Fp8Unavailable as e:
@@ -129,7 +137,15 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
     except ValueError as e:
         raise node_error(node, "model/dataset/training_state", str(e)) from e
     should_stop()  # a Cancel that arrived inside an op (0.33+) ended the session; it is seen here
-    if cancelled[0]:
+    if ranks is not None:  # the ranks stopped together, on a signal to any of them
+        cancelled[0] = result.stopped_early
+        if cancelled[0] and ranks.main and result.state is not None:
+            # torchrun gives the ranks 30 s after a Ctrl-C before it kills them: saved now, not by a later node
+            path = save_rescue(model, config, result, f"stopped_step_{result.state.step:05d}",
+                               f"stopped at step {result.state.step} of {config.steps}")
+            log.warning("%s: stopped at step %d of %d; the adapter and its training state are saved as %s", node,
+                        result.state.step, config.steps, path)
+    elif cancelled[0]:
         comfy.model_management.interrupt_current_processing(False)
         _Cancelled.add(node_cls, hidden)
         first = resume.step if resume is not None else 0
@@ -158,7 +174,8 @@ def lora_info(model, config: TrainConfig, result: TrainResult, stopped_early: bo
         "ss_lr_scheduler": config.lr_schedule,
         "ss_lr_warmup_steps": str(config.warmup_steps),
         "ss_optimizer": config.optimizer,
-        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_batch_size_per_device": str(per_device_batch(config.batch_size)),
+        "ss_total_batch_size": str(config.batch_size * config.gradient_accumulation),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation),
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_timestep_sampling": config.timestep_sampling,
@@ -172,6 +189,8 @@ def lora_info(model, config: TrainConfig, result: TrainResult, stopped_early: bo
         "dev2pro_base_model": base_name,
         "dev2pro_base_fingerprint": run_memo.base_fingerprint(model),
     }
+    if distributed.current() is not None:
+        info["dev2pro_ranks"] = str(distributed.current().world)
     if config.lr_history:
         info["dev2pro_learning_rates"] = json.dumps(
             json.loads(config.lr_history) + [[config.schedule_start + 1, config.learning_rate, config.lr_schedule]])
@@ -195,25 +214,39 @@ def outputs(model, config: TrainConfig, result: TrainResult, preview_images: lis
     return io.NodeOutput(lora, curve, previews, result.state)
 
 
-def rescue(node: str, model, config: TrainConfig, error: NonFiniteLoss) -> ValueError:
-    """Save the last good adapter and its state, and say where, so a NaN never costs the run."""
+def save_rescue(model, config: TrainConfig, result: TrainResult, name: str, why: str) -> str:
+    """Write ``result``'s adapter and state under models/loras/dev2pro-rescue/; returns the path (ValueError if
+    it cannot be written)."""
+    info = lora_info(model, config, result, stopped_early=False)
+    info["dev2pro_stopped_early"] = why
+    result.state.info.update(info)
+    return write_lora(result.weights.to_kohya(), info, RESCUE_PREFIX + name, result.state)
+
+
+def rescue(node: str, model, config: TrainConfig, error: NonFiniteLoss | distributed.PeerFailed, input_name: str,
+           what: str, fix: str) -> ValueError:
+    """Save the last good adapter and its state (rank 0 only), and say where, so a NaN or a failed rank never
+    costs the run."""
     good = error.result
-    info = lora_info(model, config, good, stopped_early=False)
-    info["dev2pro_stopped_early"] = f"{error.what} became NaN/inf at step {error.step}"
     where = ""
-    if good.state is not None and good.state.step > 0:
-        good.state.info.update(info)
+    if good is not None and good.state is not None and good.state.step > 0 and distributed.is_main():
         try:
-            path = write_lora(good.weights.to_kohya(), info, f"{RESCUE_PREFIX}step_{good.state.step:05d}", good.state)
+            path = save_rescue(model, config, good, f"step_{good.state.step:05d}", str(error))
             where = (f" The adapter after step {good.state.step}, the last good one, and its training state are saved "
                      f"as {path}; continue from it with Load Training State and Continue Training, whose "
                      "learning_rate input sets a lower rate for the steps it adds.")
-        except ValueError as e:  # the NaN stays the message; the failed rescue is said after it
+        except ValueError as e:  # the failure stays the message; the failed rescue is said after it
             why = e.__cause__.cause if isinstance(e.__cause__, WriteFailed) else str(e)
             where = (f" The adapter after step {good.state.step}, the last good one, could not be saved to "
                      f"models/loras/{RESCUE_PREFIX} ({why}).")
-    return node_error(node, "learning_rate", f"training stopped: {error}.{where} Lower the learning rate, keep "
-                      "max_grad_norm on (1.0), or check the dataset for broken images.")
+    elif good is not None and good.state is not None and good.state.step > 0:
+        where = " Rank 0 saves the adapter of the last good step."
+    return node_error(node, input_name, f"{what}{where} {fix}")
+
+
+def per_device_batch(batch_size: int) -> int:
+    ranks = distributed.current()
+    return batch_size if ranks is None else ranks.rows(batch_size)
 
 
 def training_guidance(model) -> float:
@@ -288,7 +321,8 @@ class Dev2ProTrainLoRA(_TrainingNode):
                                  tooltip="Recompute each block in the backward pass: far less memory, slower."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, optional=True,
                              tooltip="Images per micro-batch, each with its own caption. Batches hold images of one "
-                             "bucket (size), so a bucket's last batch can be smaller."),
+                             "bucket (size), so a bucket's last batch can be smaller. Under torchrun "
+                             "(scripts/distributed_train.py) this is per GPU: N GPUs train a batch N times this."),
                 io.Int.Input("gradient_accumulation", default=1, min=1, max=256, optional=True,
                              tooltip="Micro-batches per optimizer step: an effective batch of batch_size x this "
                              "without the memory."),
@@ -332,7 +366,7 @@ class Dev2ProTrainLoRA(_TrainingNode):
         settings = dict(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, seed=seed,
                         guidance=training_guidance(model), gradient_checkpointing=gradient_checkpointing,
                         blocks_to_swap=blocks_to_swap,
-                        batch_size=batch_size, gradient_accumulation=gradient_accumulation, optimizer=optimizer,
+                        batch_size=distributed.global_batch(batch_size), gradient_accumulation=gradient_accumulation, optimizer=optimizer,
                         lr_schedule=lr_schedule, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
                         timestep_sampling=timestep_sampling, loss=loss, caption_dropout=caption_dropout)
         config = TrainConfig(**settings, **(advanced or {}))

@@ -32,12 +32,15 @@ def prompt_executor(server, cache_type=None):
     return execution.PromptExecutor(server, cache_type=cache_type)
 
 
-def import_comfyui():
-    """Put ComfyUI on sys.path for the CPU and import its executor; returns the ``nodes`` module."""
+def import_comfyui(cpu: bool = True, base_directory: str | None = None):
+    """Put ComfyUI on sys.path (on the CPU unless ``cpu`` is false; models, input and output under
+    ``base_directory`` when given, as ComfyUI's --base-directory) and import its executor; returns ``nodes``."""
     sys.path.insert(0, comfyui_path())
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
+    if base_directory:
+        args.base_directory = base_directory
     import utils.extra_config  # noqa: F401  ComfyUI's utils package must win over comfy/utils.py, as in main.py
     import execution  # noqa: F401
     import nodes

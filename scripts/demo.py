@@ -137,7 +137,8 @@ def prepare_demo_folder(workdir: str) -> None:
     import torch
     from PIL import Image, ImageDraw
 
-    import_comfyui()
+    if "comfy.cli_args" not in sys.modules:  # distributed_train.py imported it already, for its GPU
+        import_comfyui()
     models = os.path.join(workdir, "models")
     files = {
         os.path.join(models, "diffusion_models", DEMO_DEV2PRO): lambda p: random_models.write_flux(p, random_models.DEMO_FLUX, seed=1, dtype=torch.float8_e4m3fn),

@@ -75,5 +75,45 @@ class TestDev2ProCutGuidance:
         return (patched,)
 
 
+class _FailOnRank(torch.nn.Module):
+    def __init__(self, inner, rank, at_call, how):
+        super().__init__()
+        self.inner, self.rank, self.at_call, self.how, self.calls = inner, rank, at_call, how, 0
+
+    def forward(self, x):
+        import torch.distributed as dist
+
+        self.calls += 1
+        here = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if here == self.rank and self.calls == self.at_call:
+            if self.how == "exit":
+                import os
+
+                os._exit(3)  # killed: no exception, no cleanup
+            raise RuntimeError(f"injected failure on rank {here}, forward call {self.calls}")
+        return self.inner(x)
+
+
+class TestDev2ProFailOnRank:
+    """A copy of a Flux MODEL whose image embedder raises in its ``at_call``-th forward on torch.distributed rank
+    ``rank`` (a ComfyUI object patch): a rank that fails mid-training."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "rank": ("INT", {"default": 1, "min": 0, "max": 63}),
+                             "at_call": ("INT", {"default": 3, "min": 1, "max": 1000}),
+                             "how": (["raise", "exit"],)}}
+
+    def patch(self, model, rank, at_call, how):
+        patched = model.clone()
+        patched.add_object_patch("diffusion_model.img_in",
+                                 _FailOnRank(model.get_model_object("diffusion_model.img_in"), rank, at_call, how))
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {"TestDev2ProConditioning": TestDev2ProConditioning, "TestDev2ProLatents": TestDev2ProLatents,
-                       "TestDev2ProCutGuidance": TestDev2ProCutGuidance}
+                       "TestDev2ProCutGuidance": TestDev2ProCutGuidance, "TestDev2ProFailOnRank": TestDev2ProFailOnRank}
