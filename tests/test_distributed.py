@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,7 +93,7 @@ def test_ranks_train_the_adapter_of_one_process_with_their_whole_batch(comfy, mo
     assert summary(done)["lora_files"] == [comfy.path("loras", f"dist{ranks}", "lora_00001.safetensors")]
 
 
-def test_a_state_from_two_ranks_continues_in_one_process(comfy, model, tmp_path):
+def test_a_state_from_two_ranks_continues_in_one_process_and_on_three(comfy, model, tmp_path):
     done = torchrun(comfy, tmp_path, 2, graph_with_state(model, "resume/two", 1, steps=6))
     assert done.returncode == 0, done.stderr[-4000:]
     g = graph_with_state(model, "resume/two_partial", 1, steps=6)
@@ -108,10 +109,34 @@ def test_a_state_from_two_ranks_continues_in_one_process(comfy, model, tmp_path)
         "stop_at_step": 0}}
     continued["save"]["inputs"]["filename_prefix"] = "resume/one_continued"
     comfy.run(continued)
-    whole, resumed = state(comfy, "resume/two"), state(comfy, "resume/one_continued")
-    assert resumed["step"] == whole["step"] == 6
-    assert_close_adapters(resumed["adapter"], whole["adapter"])
-    assert resumed["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+    continued["save"]["inputs"]["filename_prefix"] = "resume/three_continued"
+    done = torchrun(comfy, tmp_path, 3, continued)
+    assert done.returncode == 0, done.stderr[-4000:]
+    whole = state(comfy, "resume/two")
+    for prefix in ("resume/one_continued", "resume/three_continued"):
+        resumed = state(comfy, prefix)
+        assert resumed["step"] == whole["step"] == 6
+        assert resumed["config"]["batch_size"] == 2  # the run's batch, whatever the number of ranks
+        assert_close_adapters(resumed["adapter"], whole["adapter"])
+        assert resumed["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+
+
+def test_two_machines_meet_through_torchrun_rendezvous(comfy, model, tmp_path):
+    """torchrun's multi-node flags, two launchers of one rank each on this host: the same adapter as one process."""
+    path = tmp_path / "nodes.json"
+    path.write_text(json.dumps(graph_with_state(model, "nodes/lora", 1)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dev2pro-test", SCRIPT,
+              "--cpu", "--base-directory", comfy.root, "--custom-node", TESTING_PACK, str(path)]
+    machines = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [m.communicate(timeout=300) for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], [err[-3000:] for _, err in results]
+    comfy.run(graph_with_state(model, "nodes/one", 2))
+    assert_close_adapters(state(comfy, "nodes/lora")["adapter"], state(comfy, "nodes/one")["adapter"])
+    assert sum("lora_files" in out for out, _ in results) == 1  # one summary: rank 0's, on one machine
 
 
 def rescue_files(comfy) -> set[str]:
@@ -189,6 +214,27 @@ def test_demo_runs_on_two_ranks_and_rank0_encodes_the_dataset(comfy, tmp_path):
     encoded = [line for line in done.stderr.splitlines() if "encoded," in line]
     assert any(line.startswith("[rank 0]") and " 9 encoded, 0 from the cache" in line for line in encoded), encoded
     assert any(line.startswith("[rank 1]") and " 0 encoded, 9 from the cache" in line for line in encoded), encoded
+
+    # previews every 2 of 4 steps: rank 0 leaves training to sample them while rank 1 waits for the next step
+    import demo
+
+    g = demo.demo_prompt(json.loads(open(demo.API_WORKFLOW).read()), 4)
+    g["17"]["inputs"].update(width=32, height=32)
+    g["previews"] = {"class_type": "Dev2ProPreviewSettings", "inputs": {
+        "model": ["12", 0], "clip": ["6", 0], "vae": ["4", 0], "prompts": "a red ellipse", "every_steps": 2,
+        "guidance": 3.5, "steps": 1, "width": 64, "height": 64, "seed": 0, "sampler_name": "euler",
+        "scheduler": "simple"}}
+    g["9"]["inputs"]["previews"] = ["previews", 0]
+    g["save_previews"] = {"class_type": "SaveImage", "inputs": {"images": ["9", 2], "filename_prefix": "previews"}}
+    (tmp_path / "previews.json").write_text(json.dumps(g))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT, "--cpu",
+         "--base-directory", str(workdir), str(tmp_path / "previews.json")], capture_output=True, text=True,
+        timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    images = summary(done)["images"]
+    assert sorted(os.path.basename(i) for i in images if "previews" in i) == ["previews_00001_.png",
+                                                                             "previews_00002_.png"]
 
 
 def test_set_names_nodes_by_id_or_title_and_says_what_is_wrong():
