@@ -138,7 +138,7 @@ class Server:
         begun, first = self._started
         rate = (now - begun) / max(step - first, 1)
         left = rate * (total - step) if step > first else 0.0
-        print(f"[rank 0] step {step}/{total}  loss {data['loss']:.4g}  {rate:.2f} s/step  {left / 60:.1f} min left",
+        print(f"[rank 0] step {step}/{total}  loss {data['loss']:.4g}  {rate:.3g} s/step  {left / 60:.1f} min left",
               file=sys.stderr, flush=True)
 
     def queue_updated(self):
