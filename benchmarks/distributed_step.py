@@ -34,20 +34,6 @@ VARIANTS = {"default": {"compile": "auto"}, "fp8": {"compile": "auto", "fp8_matm
             "swap": {"compile": "auto", "blocks_to_swap": 19}}
 
 
-def run(pack, patcher, resolution, steps, tokens, rank, images, **settings):
-    """Dev2ProTrainLoRA at batch 1 on ``images`` copies of one latent (each rank draws its own, with its noise)."""
-    core = pack.core
-    latent, context, pooled = train_step.data(resolution, tokens, patcher.model.diffusion_model.params.context_in_dim)
-    dataset = core.dataset.TrainingDataset.from_batches(latent.repeat(images, 1, 1, 1), [(context[0], pooled[0])])
-    model = patcher.clone()
-    model.model_options[core.config.GUIDANCE_OPTION] = 1.0
-    advanced = {k: settings.pop(k) for k in ("compile", "fp8_matmul") if k in settings}
-    out = train_step.call_v3(pack.nodes.train_nodes.Dev2ProTrainLoRA, {"UNIQUE_ID": "bench"}, model=model,
-                             dataset=dataset, steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank), seed=0,
-                             gradient_checkpointing=True, advanced=advanced or None, **settings)
-    return list(out.args[3].losses)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--resolution", type=int, default=1024)
@@ -78,8 +64,8 @@ def main() -> None:
     reference = None
     if rank == 0:  # one process, batch N, before the group exists
         settings = dict(VARIANTS["default"], batch_size=world)
-        reference = train_step.timed(lambda: run(pack, patcher, a.resolution, steps, tokens, 16, world, **settings),
-                                     a.warmup)
+        reference = train_step.timed(lambda: train_step.run_ours(pack, patcher, a.resolution, steps, tokens, 16,
+                                                                 world, **settings), a.warmup)
         print(json.dumps({**common, "row": "one process, batch N", "step_graphs_captured": captured[-1:] == [True],
                           **reference}), flush=True)
         train_step.free_everything()
@@ -88,7 +74,7 @@ def main() -> None:
     try:
         for variant in a.variants:
             captured.clear()
-            row = train_step.timed(lambda: run(pack, patcher, a.resolution, steps, tokens, 16, world,
+            row = train_step.timed(lambda: train_step.run_ours(pack, patcher, a.resolution, steps, tokens, 16, world,
                                                **VARIANTS[variant]), a.warmup)
             train_step.free_everything()
             if rank == 0:

@@ -230,13 +230,14 @@ def data(resolution: int, tokens: int, width: int):
     return latent, context, pooled
 
 
-def run_ours(pack, patcher, resolution, steps, tokens, rank, **settings):
+def run_ours(pack, patcher, resolution, steps, tokens, rank, images=1, **settings):
+    """Dev2ProTrainLoRA on ``images`` copies of one latent and caption (each drawn with its own noise)."""
     core = pack.core
     latent, context, pooled = data(resolution, tokens, patcher.model.diffusion_model.params.context_in_dim)
-    dataset = core.dataset.TrainingDataset.from_batches(latent, [(context[0], pooled[0])])
+    dataset = core.dataset.TrainingDataset.from_batches(latent.repeat(images, 1, 1, 1), [(context[0], pooled[0])])
     model = patcher.clone()
     model.model_options[core.config.GUIDANCE_OPTION] = 1.0
-    advanced = {k: settings.pop(k) for k in ("compile", "blocks_to_swap", "fp8_matmul") if k in settings}
+    advanced = {k: settings.pop(k) for k in ("compile", "fp8_matmul") if k in settings}  # blocks_to_swap is the node's
     out = call_v3(pack.nodes.train_nodes.Dev2ProTrainLoRA, {"UNIQUE_ID": "bench"}, model=model, dataset=dataset,
                   steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank), seed=0, gradient_checkpointing=True,
                   advanced=advanced or None, **settings)

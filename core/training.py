@@ -475,21 +475,19 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
                     return True
             if pending is not None:
                 return commit(pending)
-        except comfy.model_management.InterruptProcessingException:  # a BaseException from 0.33 on
-            # Cancel raised inside an op (ComfyUI 0.33+ checks it in every op's forward): the step in flight is
-            # dropped and the last completed one kept, as when Cancel is seen between steps. ComfyUI cleared its
-            # flag when it raised; it is set again so that the node sees the Cancel.
+        except (comfy.model_management.InterruptProcessingException, distributed.CollectiveFailed) as e:
+            # The step in flight is dropped and the last completed one kept, as when a stop is seen between steps.
+            # - Cancel raised inside an op (ComfyUI 0.33+ checks it in every op's forward; a BaseException from 0.33
+            #   on). ComfyUI cleared its flag when it raised; it is set again so that the node sees the Cancel.
+            # - a rank left the job (gloo), and this rank's all-reduce failed.
             run.optimizer.zero_grad(set_to_none=True)
             if pending is not None and pending.step > run.step:
                 commit(pending)
+            if isinstance(e, distributed.CollectiveFailed):
+                raise distributed.PeerFailed(f"training stopped after step {run.step}: {e}", run.step + 1,
+                                             run.result()) from e
             comfy.model_management.interrupt_current_processing(True)
             return True
-        except distributed.CollectiveFailed as e:  # a rank left the job (gloo); the last completed step is kept
-            run.optimizer.zero_grad(set_to_none=True)
-            if pending is not None and pending.step > run.step:
-                commit(pending)
-            raise distributed.PeerFailed(f"training stopped after step {run.step}: {e}", run.step + 1,
-                                         run.result()) from e
         finally:
             steps.close()
     return False

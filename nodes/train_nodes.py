@@ -189,8 +189,9 @@ def lora_info(model, config: TrainConfig, result: TrainResult, stopped_early: bo
         "dev2pro_base_model": base_name,
         "dev2pro_base_fingerprint": run_memo.base_fingerprint(model),
     }
-    if distributed.current() is not None:
-        info["dev2pro_ranks"] = str(distributed.current().world)
+    ranks = distributed.current()
+    if ranks is not None:
+        info["dev2pro_ranks"] = str(ranks.world)
     if config.lr_history:
         info["dev2pro_learning_rates"] = json.dumps(
             json.loads(config.lr_history) + [[config.schedule_start + 1, config.learning_rate, config.lr_schedule]])
@@ -228,8 +229,9 @@ def rescue(node: str, model, config: TrainConfig, error: NonFiniteLoss | distrib
     """Save the last good adapter and its state (rank 0 only), and say where, so a NaN or a failed rank never
     costs the run."""
     good = error.result
+    trained = good is not None and good.state is not None and good.state.step > 0
     where = ""
-    if good is not None and good.state is not None and good.state.step > 0 and distributed.is_main():
+    if trained and distributed.is_main():
         try:
             path = save_rescue(model, config, good, f"step_{good.state.step:05d}", str(error))
             where = (f" The adapter after step {good.state.step}, the last good one, and its training state are saved "
@@ -239,7 +241,7 @@ def rescue(node: str, model, config: TrainConfig, error: NonFiniteLoss | distrib
             why = e.__cause__.cause if isinstance(e.__cause__, WriteFailed) else str(e)
             where = (f" The adapter after step {good.state.step}, the last good one, could not be saved to "
                      f"models/loras/{RESCUE_PREFIX} ({why}).")
-    elif good is not None and good.state is not None and good.state.step > 0:
+    elif trained:
         where = " Rank 0 saves the adapter of the last good step."
     return node_error(node, input_name, f"{what}{where} {fix}")
 

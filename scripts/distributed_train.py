@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -96,10 +95,10 @@ def load_workflow(a: argparse.Namespace) -> dict:
 def rendezvous_defaults() -> None:
     """One process started without torchrun: a job of one rank."""
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        from demo import free_port
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
 
 
 class Server:
@@ -179,6 +178,7 @@ def load_nodes(nodes, server, extra_packs: list[str]) -> tuple:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    sys.path.insert(0, SCRIPTS)
     rendezvous_defaults()
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
@@ -192,7 +192,6 @@ def main(argv=None) -> int:
             raise UsageError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
                              "start at most that many processes per node (--nproc-per-node)")
         torch.cuda.set_device(local_rank)  # ComfyUI trains on torch.cuda.current_device()
-    sys.path.insert(0, SCRIPTS)
     from comfy_inprocess import import_comfyui, prompt_executor
 
     nodes = import_comfyui(cpu=not gpu, base_directory=a.workdir if a.demo else a.base_directory)

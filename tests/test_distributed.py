@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 from conftest import PACK_DIR
 from graphs import training_graph
 
+import demo
 import random_models
 
 SCRIPT = os.path.join(PACK_DIR, "scripts", "distributed_train.py")
@@ -131,9 +131,7 @@ def test_two_machines_meet_through_torchrun_rendezvous(comfy, model, tmp_path):
     """torchrun's multi-node flags, two launchers of one rank each on this host: the same adapter as one process."""
     path = tmp_path / "nodes.json"
     path.write_text(json.dumps(graph_with_state(model, "nodes/lora", 1)))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = demo.free_port()
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dev2pro-test", SCRIPT,
               "--cpu", "--base-directory", comfy.root, "--custom-node", TESTING_PACK, str(path)]
@@ -222,8 +220,6 @@ def test_demo_runs_on_two_ranks_and_rank0_encodes_the_dataset(comfy, tmp_path):
     assert any(line.startswith("[rank 1]") and " 0 encoded, 9 from the cache" in line for line in encoded), encoded
 
     # previews every 2 of 4 steps: rank 0 leaves training to sample them while rank 1 waits for the next step
-    import demo
-
     g = demo.demo_prompt(json.loads(open(demo.API_WORKFLOW).read()), 4)
     g["17"]["inputs"].update(width=32, height=32)
     g["previews"] = {"class_type": "Dev2ProPreviewSettings", "inputs": {
