@@ -2,8 +2,10 @@
 from comfy_api.latest import ComfyExtension
 
 from .nodes import NODES
+from .nodes.routes import register_on_server
 
 WEB_DIRECTORY = "./js"
+register_on_server()
 
 
 class Dev2ProExtension(ComfyExtension):

@@ -69,9 +69,10 @@ class TrainedLoRA(dict):
     metadata.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], info: dict[str, str]):
+    def __init__(self, tensors: dict[str, torch.Tensor], info: dict[str, str], origin: str | None = None):
         super().__init__(tensors)
         self.info = dict(info)
+        self.origin = origin  # the trainer node id, so Save LoRA can tell its panel which file it wrote
 
 
 def lora_metadata(info: dict[str, str], title: str) -> dict[str, str]:

@@ -19,7 +19,9 @@ from ..core.lora_format import (FORMATS, STATE_EXTENSION, TrainedLoRA, file_tens
 from ..core import paths
 from ..core.paths import OutsideFolder, find_in_folders
 from ..core.training import TrainConfig, TrainingState
+from ..core.live_runs import RUNS
 from .common import CATEGORY, TrainingStateType, node_error
+from .events import send_status
 
 
 def checked_prefix(prefix: str) -> str:
@@ -179,6 +181,9 @@ class Dev2ProSaveLoRA(io.ComfyNode):
         ui = {"lora_files": [relative], "text": [f"models/loras/{relative}"]}
         if training_state is not None:
             ui["training_state_files"] = [relative[: -len(".safetensors")] + STATE_EXTENSION]
+        run = RUNS.saved(getattr(lora, "origin", None), f"models/loras/{relative}")
+        if run is not None:  # the trainer's panel names the file
+            send_status(run)
         return io.NodeOutput(ui=ui)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import time
 
 import numpy as np
 import torch
@@ -18,17 +20,18 @@ from ..core import distributed, run_memo
 from ..core.atomic_files import WriteFailed
 from ..core.dataset import TrainingDataset
 from ..core.fp8_matmul import Fp8Unavailable
+from ..core.live_runs import CANCELLED, FAILED, FINISHED, RUNS, STOPPED
 from ..core.lora_format import TrainedLoRA
 from ..core.loss_plot import draw_loss_curve
 from ..core.optimizers import MissingPackage
 from ..core.training import (DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, NonFiniteLoss, StepInfo, TrainConfig,
                              TrainingState, TrainResult, train_lora)
 from .common import CATEGORY, MODEL_NAME_OPTION, AdvancedSettings, Dataset, PreviewSettings, TrainingStateType, node_error
+from .events import prompt_id, send_event, send_status
 from .lora_nodes import write_lora
 from .preview_nodes import Previews, sample_previews
 
 log = logging.getLogger("dev2pro-lora")
-STEP_EVENT = "dev2pro.train.step"
 RESCUE_PREFIX = "dev2pro-rescue/"
 
 
@@ -42,19 +45,8 @@ def image_to_pil(image: torch.Tensor):
     return Image.fromarray(np.clip(image.numpy() * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
-def send_event(node_id: str, data: dict) -> None:
-    """Per-step numbers for the front end's training line; silently skipped when no server runs (scripts)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
-    if server is not None:
-        server.send_sync(STEP_EVENT, {"node": node_id, **data}, server.client_id)
-
-
-class _Cancelled:
-    """Runs ended by Cancel, counted per node type and constant inputs, which is all that ComfyUI hands
+class _StoppedEarly:
+    """Runs ended early by Stop & save, counted per node type and constant inputs, which is all that ComfyUI hands
     ``fingerprint_inputs`` (no linked inputs, and no hidden ones on 0.3.64): the count changes for that run only, so
     queuing again retrains it and leaves every other trainer's finished result in ComfyUI's cache."""
 
@@ -67,8 +59,8 @@ class _Cancelled:
 
     @classmethod
     def add(cls, node_cls, hidden) -> None:
-        """Count a Cancel of the node ``hidden.unique_id``: its constant inputs as the prompt gives them, as far as
-        the node declares them (those are what ComfyUI fingerprints)."""
+        """Count an early stop of the node ``hidden.unique_id``: its constant inputs as the prompt gives them, as far
+        as the node declares them (those are what ComfyUI fingerprints)."""
         inputs = (hidden.prompt or {}).get(str(hidden.unique_id), {}).get("inputs", {})
         declared = {name for section in node_cls.INPUT_TYPES().values() for name in section}
         key = cls.key(node_cls.NODE, {k: v for k, v in inputs.items() if k in declared and not isinstance(v, list)})
@@ -77,8 +69,8 @@ class _Cancelled:
 
 def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig, resume: TrainingState | None,
                  stop_at_step: int, previews: Previews | None) -> io.NodeOutput:
-    """What both training nodes do: progress, events, Cancel, previews, NaN rescue, and the four outputs.
-    ``node_cls``: the executing node's class, whose ``hidden`` holds its id and prompt."""
+    """What both training nodes do: progress, events, Stop & save, Cancel, previews, NaN rescue, and the four
+    outputs. ``node_cls``: the executing node's class, whose ``hidden`` holds its id and prompt."""
     node, hidden = node_cls.NODE, node_cls.hidden
     ranks = distributed.current()
     # the number of ranks changes the run's rounding (and its metadata), so it is part of what was trained
@@ -88,7 +80,11 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
         log.warning("%s: these inputs finished training earlier in this ComfyUI session (ComfyUI dropped that result "
                     "from its cache); handing that run on instead of training again", node)
         return finished
-    node_id = hidden.unique_id
+    node_id = str(hidden.unique_id)
+    first = resume.step if resume is not None else 0
+    live = RUNS.start(node_id, prompt_id(), config.steps, first, previews.every_steps if previews else 0,
+                      resume.losses if resume is not None else [])
+    send_status(live)
     progress = comfy.utils.ProgressBar(config.steps, node_id=node_id)
     if resume is not None:
         progress.update_absolute(min(resume.step, config.steps), config.steps)
@@ -96,8 +92,10 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
     preview_images: list[torch.Tensor] = []
 
     def on_step(info: StepInfo) -> None:
+        RUNS.step(live, info.step, info.total, info.loss, info.learning_rate, info.seconds)
         send_event(node_id, {"step": info.step, "total": info.total, "loss": info.loss,
-                             "learning_rate": info.learning_rate, "seconds_per_step": info.seconds})
+                             "learning_rate": info.learning_rate, "seconds_per_step": info.seconds,
+                             "eta_seconds": live.eta_seconds, "prompt_id": live.prompt_id, "status": live.status})
         try:
             progress.update_absolute(info.step, info.total)  # ComfyUI's hook raises here once Cancel is pressed
         except comfy.model_management.InterruptProcessingException:
@@ -105,7 +103,7 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
 
     def should_stop() -> bool:
         cancelled[0] = cancelled[0] or comfy.model_management.processing_interrupted()
-        return cancelled[0] or distributed.stop_requested()
+        return cancelled[0] or live.stop_requested or distributed.stop_requested()
 
     def on_preview(step: int, weights) -> None:
         if ranks is not None and not ranks.main:
@@ -113,8 +111,11 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
         try:
             images = sample_previews(previews, weights.to_kohya())
             preview_images.append(images)
-            for image in images:  # shown live on the node
-                progress.update_absolute(step, config.steps, ("JPEG", image_to_pil(image), 768))
+            for i, image in enumerate(images):  # shown live on the node, and labelled with the step on the panel
+                pil = image_to_pil(image)
+                progress.update_absolute(step, config.steps, ("JPEG", pil, 768))
+                RUNS.preview(live, step, save_preview(pil, node_id, step, i))
+            send_status(live)
         except comfy.model_management.InterruptProcessingException:
             cancelled[0] = True
 
@@ -123,43 +124,89 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
                             should_stop=should_stop, preview_every=previews.every_steps if previews else 0,
                             on_preview=on_preview if previews else None)
     except NonFiniteLoss as e:
-        raise rescue(node, model, config, e, "learning_rate", f"training stopped: {e}.", "Lower the learning rate, "
-                     "keep max_grad_norm on (1.0), or check the dataset for broken images.") from e
+        raise failed(live, rescue(node, model, config, e, "learning_rate", f"training stopped: {e}.", "Lower the "
+                     "learning rate, keep max_grad_norm on (1.0), or check the dataset for broken images.")) from e
     except distributed.PeerFailed as e:
-        raise rescue(node, model, config, e, "ranks", f"{e}.", "Fix what that rank reported and continue from the "
-                     "saved state (on any number of ranks).") from e
+        raise failed(live, rescue(node, model, config, e, "ranks", f"{e}.", "Fix what that rank reported and "
+                     "continue from the saved state (on any number of ranks).")) from e
     except MissingPackage as e:
-        raise node_error(node, "optimizer", str(e)) from e
+        raise failed(live, node_error(node, "optimizer", str(e))) from e
     except Fp8Unavailable as e:
-        raise node_error(node, "advanced: fp8_matmul", str(e)) from e
+        raise failed(live, node_error(node, "advanced: fp8_matmul", str(e))) from e
     except InputError as e:  # SettingError, ModelInputError, StateMismatch
-        raise node_error(node, e.input_name, str(e)) from e
+        raise failed(live, node_error(node, e.input_name, str(e))) from e
     except ValueError as e:
-        raise node_error(node, "model/dataset/training_state", str(e)) from e
+        raise failed(live, node_error(node, "model/dataset/training_state", str(e))) from e
+    except BaseException as e:
+        raise failed(live, e) from None
     should_stop()  # a Cancel that arrived inside an op (0.33+) ended the session; it is seen here
+    step = result.state.step if result.state is not None else first
+    stopped = result.stopped_early and step < config.steps and (stop_at_step == 0 or step < stop_at_step)
     if ranks is not None:  # the ranks stopped together, on a signal to any of them
-        cancelled[0] = result.stopped_early
-        if cancelled[0] and ranks.main and result.state is not None:
+        if stopped and ranks.main and result.state is not None:
             # torchrun gives the ranks 30 s after a Ctrl-C before it kills them: saved now, not by a later node
-            path = save_rescue(model, config, result, f"stopped_step_{result.state.step:05d}",
-                               f"stopped at step {result.state.step} of {config.steps}")
+            path = save_rescue(model, config, result, f"stopped_step_{step:05d}", f"stopped at step {step} of "
+                               f"{config.steps}")
+            RUNS.saved(node_id, path)
             log.warning("%s: stopped at step %d of %d; the adapter and its training state are saved as %s", node,
-                        result.state.step, config.steps, path)
+                        step, config.steps, path)
     elif cancelled[0]:
-        comfy.model_management.interrupt_current_processing(False)
-        _Cancelled.add(node_cls, hidden)
-        first = resume.step if resume is not None else 0
-        if result.state is None or result.state.step <= first + 1:
-            # Cancel as training starts (0.3.64 only sees it once the first step is done): ComfyUI's own Cancel,
-            # the graph stops and no LoRA of one step is saved
-            raise comfy.model_management.InterruptProcessingException()
-        # Cancel ends training, not the graph: the adapter so far goes on to Save LoRA. A second Cancel stops the rest.
-        log.warning("%s: stopped by Cancel at step %d of %d; the adapter so far goes on to the next nodes "
-                    "(press Cancel again to stop them)", node, result.state.step if result.state else 0, config.steps)
-    output = outputs(model, config, result, preview_images, cancelled[0])
-    if not cancelled[0]:
+        raise cancel(node, live, model, config, result, first)
+    if stopped:
+        _StoppedEarly.add(node_cls, hidden)
+        log.warning("%s: Stop & save at step %d of %d; the adapter so far goes on to the next nodes", node, step,
+                    config.steps)
+    RUNS.end(live, STOPPED if stopped else FINISHED, f"stopped at step {step} of {config.steps}" if stopped else
+             f"finished at step {step} of {config.steps}")
+    send_status(live)
+    output = outputs(model, config, result, preview_images, stopped, node_id)
+    if not stopped:
         run_memo.remember(key, output)
     return output
+
+
+def cancel(node: str, live, model, config: TrainConfig, result: TrainResult, first: int) -> BaseException:
+    """Cancel keeps ComfyUI's meaning, the graph stops; what this run trained is kept as a rescue file."""
+    comfy.model_management.interrupt_current_processing(False)
+    step = result.state.step if result.state is not None else first
+    message = f"cancelled at step {step} of {config.steps}"
+    # a Cancel as training starts (0.3.64 sees it only once the first step is done) keeps no one-step adapter
+    if result.state is not None and step > first + 1:
+        try:
+            path = save_rescue(model, config, result, f"cancelled_step_{step:05d}", message)
+            RUNS.saved(live.node, path)
+            message += f"; the adapter so far and its training state are saved as {rescue_name(path)}"
+        except ValueError as e:
+            message += f"; the adapter so far could not be saved ({e})"
+        log.warning("%s: %s", node, message)
+    RUNS.end(live, CANCELLED, message)
+    send_status(live)
+    comfy.model_management.interrupt_current_processing(True)
+    return comfy.model_management.InterruptProcessingException()
+
+
+def failed(live, error: BaseException) -> BaseException:
+    interrupted = isinstance(error, comfy.model_management.InterruptProcessingException)
+    RUNS.end(live, CANCELLED if interrupted else FAILED, f"cancelled at step {live.step}" if interrupted else str(error))
+    send_status(live)
+    return error
+
+
+def save_preview(pil, node_id: str, step: int, index: int) -> dict:
+    """A preview as a file in ComfyUI's temp folder (served by /view), so the panel can show it after a reload."""
+    import folder_paths
+
+    directory = folder_paths.get_temp_directory()
+    name = f"dev2pro_preview_{node_id.replace(':', '-')}_{int(time.time() * 1000)}_{step:06d}_{index}.jpg"
+    os.makedirs(directory, exist_ok=True)
+    pil.save(os.path.join(directory, name), quality=90)
+    return {"filename": name, "subfolder": "", "type": "temp"}
+
+
+def rescue_name(path: str) -> str:
+    import folder_paths
+
+    return "models/loras/" + os.path.relpath(path, folder_paths.get_folder_paths("loras")[0]).replace(os.sep, "/")
 
 
 def lora_info(model, config: TrainConfig, result: TrainResult, stopped_early: bool) -> dict[str, str]:
@@ -198,16 +245,16 @@ def lora_info(model, config: TrainConfig, result: TrainResult, stopped_early: bo
     if result.losses:
         info["dev2pro_final_loss"] = f"{result.losses[-1]:.6g}"
     if stopped_early:
-        info["dev2pro_stopped_early"] = f"cancelled at step {step} of {config.steps}"
+        info["dev2pro_stopped_early"] = f"stopped by Stop & save at step {step} of {config.steps}"
     return info
 
 
 def outputs(model, config: TrainConfig, result: TrainResult, preview_images: list[torch.Tensor],
-            stopped_early: bool) -> io.NodeOutput:
+            stopped_early: bool, node_id: str) -> io.NodeOutput:
     info = lora_info(model, config, result, stopped_early)
-    lora = TrainedLoRA(result.weights.to_kohya(), info)
+    lora = TrainedLoRA(result.weights.to_kohya(), info, origin=node_id)
     step = result.state.step if result.state else config.steps
-    title = f"step {step}/{config.steps} at guidance {config.guidance}" + (", cancelled" if stopped_early else "")
+    title = f"step {step}/{config.steps} at guidance {config.guidance}" + (", stopped early" if stopped_early else "")
     curve = pil_to_image(draw_loss_curve(result.losses, title)) if result.losses else torch.zeros(1, 64, 64, 3)
     previews = torch.cat(preview_images) if preview_images else torch.zeros(1, 64, 64, 3)
     if result.state is not None:
@@ -285,9 +332,9 @@ def previews_input():
 class _TrainingNode(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, **constants):
-        """Changes after this run was ended by Cancel, so queuing again retrains instead of reusing its partial
-        adapter."""
-        return _Cancelled.counts.get(_Cancelled.key(cls.NODE, constants), 0)
+        """Changes after this run was ended by Stop & save, so queuing again retrains instead of reusing its
+        partial adapter."""
+        return _StoppedEarly.counts.get(_StoppedEarly.key(cls.NODE, constants), 0)
 
 
 class Dev2ProTrainLoRA(_TrainingNode):
@@ -301,8 +348,9 @@ class Dev2ProTrainLoRA(_TrainingNode):
             category=CATEGORY,
             description="Trains a LoRA on the double and single blocks of a Flux transformer with the rectified-"
             "flow velocity loss, at the guidance set by Dev2ProTrainingGuidance (1.0 when none is set). "
-            "The input MODEL is left exactly as it was. Cancel stops after the current step and passes the "
-            "adapter so far on.",
+            "The input MODEL is left exactly as it was. The panel's Stop & save ends training after the "
+            "current step and passes the adapter so far on; Cancel stops the graph and keeps that adapter in "
+            "models/loras/dev2pro-rescue/.",
             inputs=[
                 io.Model.Input("model", tooltip="Flux-dev2pro from Dev2ProLoadModel, through Dev2ProTrainingGuidance."),
                 Dataset.Input("dataset", tooltip="From Dataset from Folder or Dataset from Latents."),

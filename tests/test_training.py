@@ -141,40 +141,78 @@ def test_train_node_reports_every_step_to_the_front_end(comfy, model_file, monke
         assert shown == [("train", 1, 3), ("train", 2, 3), ("train", 3, 3)]
 
 
-def test_cancel_stops_after_the_current_step_and_the_adapter_so_far_is_saved(comfy, model_file, monkeypatch):
-    steps, record = [], comfy.server.send_sync
+def press_at(comfy, monkeypatch, step, action, node="train"):
+    """Record the events; at ``node``'s step ``step`` (first time only) call ``action()``, as a user would press a
+    button while that step's event reaches the browser. Returns the (node, step) pairs seen."""
+    steps, record, pressed = [], comfy.server.send_sync, []
 
-    def press_cancel_at_step_two(event, data, sid=None):
+    def on_event(event, data, sid=None):
         record(event, data, sid)
         if event == "dev2pro.train.step":
-            steps.append(data["step"])
-            if data["step"] == 2 and len(steps) == 2:
-                comfy_model_management.interrupt_current_processing(True)
+            steps.append((data["node"], data["step"]))
+            if data["node"] == node and data["step"] == step and not pressed:
+                pressed.append(True)
+                action()
 
-    monkeypatch.setattr(comfy.server, "send_sync", press_cancel_at_step_two)
-    try:
-        outputs = comfy.run(graphs.training_graph("train_core.safetensors", steps=5, prefix="cancel/lora"))
-    finally:
-        comfy_model_management.interrupt_current_processing(False)
-    assert steps == [1, 2]
+    monkeypatch.setattr(comfy.server, "send_sync", on_event)
+    return steps
+
+
+def statuses(comfy, node="train"):
+    return [d for e, d in comfy.server.messages if e == "dev2pro.train.status" and d["node"] == node]
+
+
+def rescue_files(comfy, stem):
+    folder = comfy.path("loras", "dev2pro-rescue")
+    return sorted(f for f in os.listdir(folder) if f.startswith(stem) and f.endswith(".safetensors")) \
+        if os.path.isdir(folder) else []
+
+
+def test_stop_and_save_ends_after_the_current_step_and_the_graph_goes_on(comfy, model_file, monkeypatch):
+    runs = comfy.pack.core.live_runs.RUNS
+    steps = press_at(comfy, monkeypatch, 2, lambda: runs.request_stop(node="train"))
+    outputs = comfy.run(graphs.training_graph("train_core.safetensors", steps=5, prefix="stop/lora"))
+    assert steps == [("train", 1), ("train", 2)]
     [name] = outputs["save"]["lora_files"]
     with safe_open(comfy.path("loras", name), framework="pt") as f:
         assert f.metadata()["ss_steps"] == "2"
-        assert f.metadata()["dev2pro_stopped_early"] == "cancelled at step 2 of 5"
-    # queued again, the node trains again instead of reusing the cancelled result
-    comfy.run(graphs.training_graph("train_core.safetensors", steps=5, prefix="cancel/lora"))
-    assert steps == [1, 2, 1, 2, 3, 4, 5]
+        assert f.metadata()["dev2pro_stopped_early"] == "stopped by Stop & save at step 2 of 5"
+    # the panel is told the run stopped, and then the file Save LoRA wrote from it
+    last = statuses(comfy)[-1]
+    assert last["status"] == "stopped" and last["message"] == "stopped at step 2 of 5"
+    assert last["saved"] == [f"models/loras/{name}"]
+    assert runs.get("train").summary()["losses"][-1][0] == 2
+    # queued again, the node trains again instead of reusing the shortened result
+    steps.clear()
+    comfy.run(graphs.training_graph("train_core.safetensors", steps=5, prefix="stop/lora"))
+    assert steps == [("train", s) for s in range(1, 6)]
+    assert statuses(comfy)[-2]["status"] == "finished"
+
+
+def test_cancel_stops_the_graph_and_keeps_the_adapter_as_a_rescue_file(comfy, model_file, monkeypatch):
+    steps = press_at(comfy, monkeypatch, 2, lambda: comfy_model_management.interrupt_current_processing(True))
+    try:
+        with pytest.raises(ExecutionFailed):
+            comfy.run(graphs.training_graph("train_core.safetensors", steps=5, prefix="cancel/lora", seed=43))
+    finally:
+        comfy_model_management.interrupt_current_processing(False)
+    assert steps == [("train", 1), ("train", 2)]
+    assert "execution_interrupted" in [event for event, _ in comfy.server.messages]
+    assert not os.path.exists(comfy.path("loras", "cancel")), "Cancel stops the graph: Save LoRA does not run"
+    [rescued] = rescue_files(comfy, "cancelled_step_00002")
+    with safe_open(comfy.path("loras", "dev2pro-rescue", rescued), framework="pt") as f:
+        assert f.metadata()["ss_steps"] == "2" and f.metadata()["dev2pro_stopped_early"] == "cancelled at step 2 of 5"
+    assert os.path.exists(comfy.path("loras", "dev2pro-rescue", rescued[: -len(".safetensors")] + ".dev2pro-state"))
+    last = statuses(comfy)[-1]
+    assert last["status"] == "cancelled" and f"saved as models/loras/dev2pro-rescue/{rescued}" in last["message"]
+    # queued again, it trains again: ComfyUI keeps no result of an interrupted node
+    steps.clear()
+    comfy.run(graphs.training_graph("train_core.safetensors", steps=5, prefix="cancel/lora", seed=43))
+    assert steps == [("train", s) for s in range(1, 6)]
 
 
 def test_cancel_as_training_starts_stops_the_graph_and_saves_nothing(comfy, model_file, monkeypatch):
-    record = comfy.server.send_sync
-
-    def press_cancel_at_step_one(event, data, sid=None):
-        record(event, data, sid)
-        if event == "dev2pro.train.step" and data["step"] == 1:
-            comfy_model_management.interrupt_current_processing(True)
-
-    monkeypatch.setattr(comfy.server, "send_sync", press_cancel_at_step_one)
+    press_at(comfy, monkeypatch, 1, lambda: comfy_model_management.interrupt_current_processing(True))
     try:
         with pytest.raises(ExecutionFailed):
             comfy.run(graphs.training_graph("train_core.safetensors", steps=5, prefix="cancel_start/lora", seed=41))
@@ -182,73 +220,56 @@ def test_cancel_as_training_starts_stops_the_graph_and_saves_nothing(comfy, mode
         comfy_model_management.interrupt_current_processing(False)
     assert "execution_interrupted" in [event for event, _ in comfy.server.messages]
     assert not os.path.exists(comfy.path("loras", "cancel_start"))
+    assert rescue_files(comfy, "cancelled_step_00001") == [], "one step is not worth a file"
+    assert statuses(comfy)[-1]["status"] == "cancelled"
 
 
-def test_a_cancel_leaves_other_finished_trainings_cached(comfy, model_file, monkeypatch):
-    """Queued again after one trainer was cancelled, only that one trains again: the other's finished adapter is
-    reused from ComfyUI's cache and its Save LoRA writes no second file."""
-    graph = graphs.training_graph("train_core.safetensors", steps=3, prefix="cancel_one/other", seed=31)
-    cancelled = graphs.training_graph("train_core.safetensors", steps=3, prefix="cancel_one/cancelled", seed=32)
-    for node_id, node in cancelled.items():  # a second chain of nodes, "c_"-prefixed, linked among themselves
+def test_stop_and_save_leaves_other_finished_trainings_cached(comfy, model_file, monkeypatch):
+    """Queued again after one trainer was stopped early, only that one trains again: the other's finished adapter
+    is reused from ComfyUI's cache and its Save LoRA writes no second file."""
+    graph = graphs.training_graph("train_core.safetensors", steps=3, prefix="stop_one/other", seed=31)
+    stopped = graphs.training_graph("train_core.safetensors", steps=3, prefix="stop_one/stopped", seed=32)
+    for node_id, node in stopped.items():  # a second chain of nodes, "c_"-prefixed, linked among themselves
         inputs = {k: [f"c_{v[0]}", v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
         graph[f"c_{node_id}"] = {**node, "inputs": inputs}
-    steps, record, pressed = [], comfy.server.send_sync, []
-
-    def press_cancel_in_the_copy(event, data, sid=None):
-        record(event, data, sid)
-        if event == "dev2pro.train.step":
-            steps.append((data["node"], data["step"]))
-            if data["node"] == "c_train" and data["step"] == 2 and not pressed:
-                pressed.append(True)
-                comfy_model_management.interrupt_current_processing(True)
-
-    monkeypatch.setattr(comfy.server, "send_sync", press_cancel_in_the_copy)
-    try:
-        comfy.run(graph)
-        first = list(steps)
-        steps.clear()
-        comfy.run(graph)
-    finally:
-        comfy_model_management.interrupt_current_processing(False)
+    runs = comfy.pack.core.live_runs.RUNS
+    steps = press_at(comfy, monkeypatch, 2, lambda: runs.request_stop(node="c_train"), node="c_train")
+    comfy.run(graph)
+    first = list(steps)
+    steps.clear()
+    comfy.run(graph)
     assert ("c_train", 2) in first and ("c_train", 3) not in first and ("train", 3) in first
-    assert steps == [("c_train", 1), ("c_train", 2), ("c_train", 3)], "only the cancelled run trains again"
-    assert sorted(os.listdir(comfy.path("loras", "cancel_one"))) == [
-        "cancelled_00001.safetensors", "cancelled_00002.safetensors", "other_00001.safetensors"]
+    assert steps == [("c_train", 1), ("c_train", 2), ("c_train", 3)], "only the stopped run trains again"
+    assert sorted(os.listdir(comfy.path("loras", "stop_one"))) == [
+        "other_00001.safetensors", "stopped_00001.safetensors", "stopped_00002.safetensors"]
 
 
 def test_cancel_raised_inside_an_op_keeps_the_last_completed_step(comfy, model_file, monkeypatch):
     """ComfyUI 0.33+ raises Cancel from inside any op's forward (comfy.ops run_every_op), mid-step. The step in
-    flight is dropped, the adapter of the last completed step goes on to Save LoRA, and the graph goes on. On 0.3.x,
-    whose ops do not check, a forward hook raises it the same way."""
-    steps, record = [], comfy.server.send_sync
-
-    def on_event(event, data, sid=None):
-        record(event, data, sid)
-        if event == "dev2pro.train.step":
-            steps.append(data["step"])
+    flight is dropped and the rescue file holds the adapter of the last completed step. On 0.3.x, whose ops do not
+    check, a forward hook raises it the same way."""
+    steps = press_at(comfy, monkeypatch, 0, lambda: None)
 
     def cancel_inside_step_three(module, args):
         if len(steps) == 2:
             comfy_model_management.interrupt_current_processing(True)
             comfy_model_management.throw_exception_if_processing_interrupted()  # what 0.33's ops do
 
-    monkeypatch.setattr(comfy.server, "send_sync", on_event)
     handle = torch.nn.modules.module.register_module_forward_pre_hook(
         lambda module, args: cancel_inside_step_three(module, args) if type(module).__name__ == "SingleStreamBlock"
         else None)
     try:
-        outputs = comfy.run(graphs.training_graph("train_core.safetensors", steps=5, prefix="cancel_op/lora", seed=3))
+        with pytest.raises(ExecutionFailed):
+            comfy.run(graphs.training_graph("train_core.safetensors", steps=5, prefix="cancel_op/lora", seed=3))
     finally:
         handle.remove()
         comfy_model_management.interrupt_current_processing(False)
     # the step in flight when Cancel came is dropped: step 3 with the loss read at once, step 4 where it is read one
     # step late (fused AdamW), since step 3's update had been queued already
-    last = steps[-1]
-    assert steps == list(range(1, last + 1)) and last in (2, 3)
-    [name] = outputs["save"]["lora_files"]
-    stopped = load_file(comfy.path("loras", name))
-    with safe_open(comfy.path("loras", name), framework="pt") as f:
-        assert f.metadata()["dev2pro_stopped_early"] == f"cancelled at step {last} of 5"
+    last = steps[-1][1]
+    assert [s for _, s in steps] == list(range(1, last + 1)) and last in (2, 3)
+    [rescued] = rescue_files(comfy, f"cancelled_step_{last:05d}")
+    stopped = load_file(comfy.path("loras", "dev2pro-rescue", rescued))
     reference_graph = graphs.training_graph("train_core.safetensors", steps=5, prefix="cancel_op/ref", seed=3)
     reference_graph["train"]["inputs"]["stop_at_step"] = last
     [name] = comfy.run(reference_graph)["save"]["lora_files"]
