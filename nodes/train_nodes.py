@@ -14,8 +14,8 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..core.config import (COMPILE_MODES, FP8_MATMUL_MODES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TIMESTEP_SAMPLINGS,
-                           InputError, SettingError)
+from ..core.config import LR_SCHEDULES, InputError, SettingError
+from ..core.settings import MAX_STEPS, default, on_node
 from ..core import distributed, run_memo
 from ..core.atomic_files import WriteFailed
 from ..core.dataset import TrainingDataset
@@ -26,7 +26,8 @@ from ..core.loss_plot import draw_loss_curve
 from ..core.optimizers import MissingPackage
 from ..core.training import (DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, NonFiniteLoss, StepInfo, TrainConfig,
                              TrainingState, TrainResult, train_lora)
-from .common import CATEGORY, MODEL_NAME_OPTION, AdvancedSettings, Dataset, PreviewSettings, TrainingStateType, node_error
+from .common import (CATEGORY, MODEL_NAME_OPTION, AdvancedSettings, Dataset, PreviewSettings, TrainingStateType,
+                     node_error, setting_input)
 from .events import prompt_id, send_event, send_status
 from .lora_nodes import write_lora
 from .preview_nodes import Previews, sample_previews
@@ -316,12 +317,16 @@ OUTPUTS = [
     TrainingStateType.Output(display_name="training_state", tooltip="Adapter, optimizer and step: continue with "
                              "Continue Training, or save it beside the LoRA with Save LoRA."),
 ]
+# Train LoRA's settings inputs, in widget order (saved workflows list widget values in this order)
+TRAIN_INPUTS = ("steps", "learning_rate", "rank", "alpha", "seed", "gradient_checkpointing", "batch_size",
+                "gradient_accumulation", "optimizer", "lr_schedule", "warmup_steps", "max_grad_norm",
+                "timestep_sampling", "loss", "caption_dropout", "blocks_to_swap")
 STOP_AT_TOOLTIP = ("Stop after this step of the run and hand over, to chain 'train -> preview -> continue' in one "
                    "graph. 0 runs to the end.")
 
 
 def stop_at_input(optional: bool):
-    return io.Int.Input("stop_at_step", default=0, min=0, max=100000, optional=optional, tooltip=STOP_AT_TOOLTIP)
+    return io.Int.Input("stop_at_step", default=0, min=0, max=MAX_STEPS, optional=optional, tooltip=STOP_AT_TOOLTIP)
 
 
 def previews_input():
@@ -354,52 +359,9 @@ class Dev2ProTrainLoRA(_TrainingNode):
             inputs=[
                 io.Model.Input("model", tooltip="Flux-dev2pro from Dev2ProLoadModel, through Dev2ProTrainingGuidance."),
                 Dataset.Input("dataset", tooltip="From Dataset from Folder or Dataset from Latents."),
-                io.Int.Input("steps", default=1000, min=1, max=100000,
-                             tooltip="Optimizer steps of the run; the learning-rate schedule spans them. 1000-2000 "
-                             "is typical for a subject LoRA."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=10.0, step=1e-5,
-                               tooltip="1e-4 suits AdamW at rank 16; Adafactor similar; Prodigy takes 1.0 (it sets "
-                               "its own step size and treats this as a multiplier)."),
-                io.Int.Input("rank", default=16, min=1, max=256,
-                             tooltip="LoRA rank: capacity and file size (rank 16 is about 150 MB in bf16)."),
-                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5,
-                               tooltip="LoRA alpha; the update is scaled by alpha / rank. alpha = rank means 1.0."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seeds the LoRA init, image order, noise, timesteps and caption dropout: same "
-                             "inputs and seed, same LoRA."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute each block in the backward pass: far less memory, slower."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, optional=True,
-                             tooltip="Images per micro-batch, each with its own caption. Batches hold images of one "
-                             "bucket (size), so a bucket's last batch can be smaller. Under torchrun "
-                             "(scripts/distributed_train.py) this is per GPU: N GPUs train a batch N times this."),
-                io.Int.Input("gradient_accumulation", default=1, min=1, max=256, optional=True,
-                             tooltip="Micro-batches per optimizer step: an effective batch of batch_size x this "
-                             "without the memory."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
-                               tooltip="adamw (fused); adafactor (less optimizer memory); prodigy (needs "
-                               "'pip install prodigyopt'; set learning_rate 1.0)."),
-                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant", optional=True,
-                               tooltip="After warmup: constant, or linear / cosine decay towards 0 at the last step."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
-                             tooltip="Raise the learning rate linearly over this many steps first."),
-                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, optional=True,
-                               tooltip="Clip the adapter's gradient norm to this; 0 turns clipping off."),
-                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default="flux_shift",
-                               optional=True,
-                               tooltip="flux_shift: sigmoid of a normal, shifted for the image size as Flux-dev "
-                               "samples (default). shift: with a fixed shift. sigmoid, logit_normal, uniform. "
-                               "Scale, shift and mean/std come from Advanced Training Settings."),
-                io.Combo.Input("loss", options=list(LOSSES), default="mse", optional=True,
-                               tooltip="mse, or huber (less swayed by outlier steps; delta in the advanced settings)."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.99, step=0.01, optional=True,
-                               tooltip="Chance of training a sample with the empty caption instead of its own. Needs "
-                               "Dataset from Folder, which encodes the empty caption."),
+                *[setting_input(name) for name in TRAIN_INPUTS[:-1]],
                 stop_at_input(optional=True),
-                io.Int.Input("blocks_to_swap", default=0, min=0, max=57, optional=True,
-                             tooltip="Low-VRAM mode: keep this many blocks' weights in CPU memory and stream each "
-                             "onto the GPU just before it runs (19 = every double block, about 6 GB less). Weights "
-                             "ComfyUI could not fit are streamed anyway. Needs gradient_checkpointing."),
+                setting_input("blocks_to_swap"),
                 previews_input(),
                 AdvancedSettings.Input("advanced", optional=True,
                                        tooltip="From Advanced Training Settings: timestep and loss details, weight decay."),
@@ -409,16 +371,10 @@ class Dev2ProTrainLoRA(_TrainingNode):
         )
 
     @classmethod
-    def execute(cls, model, dataset: TrainingDataset, steps, learning_rate, rank, alpha, seed, gradient_checkpointing,
-                batch_size=1, blocks_to_swap=0, gradient_accumulation=1, optimizer="adamw", lr_schedule="constant", warmup_steps=0,
-                max_grad_norm=1.0, timestep_sampling="flux_shift", loss="mse", caption_dropout=0.0, stop_at_step=0,
-                previews=None, advanced=None) -> io.NodeOutput:
-        settings = dict(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, seed=seed,
-                        guidance=training_guidance(model), gradient_checkpointing=gradient_checkpointing,
-                        blocks_to_swap=blocks_to_swap,
-                        batch_size=distributed.global_batch(batch_size), gradient_accumulation=gradient_accumulation, optimizer=optimizer,
-                        lr_schedule=lr_schedule, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
-                        timestep_sampling=timestep_sampling, loss=loss, caption_dropout=caption_dropout)
+    def execute(cls, model, dataset: TrainingDataset, stop_at_step=0, previews=None, advanced=None,
+                **settings) -> io.NodeOutput:
+        settings = dict(settings, guidance=training_guidance(model),
+                        batch_size=distributed.global_batch(settings.get("batch_size", default("batch_size"))))
         config = TrainConfig(**settings, **(advanced or {}))
         try:
             config.validate()
@@ -445,16 +401,15 @@ class Dev2ProContinueTraining(_TrainingNode):
                                         "Training State."),
                 io.Model.Input("model", tooltip="The same training base (Flux-dev2pro through Training Guidance)."),
                 Dataset.Input("dataset", tooltip="The dataset to go on with, normally the run's own."),
-                io.Int.Input("steps", default=0, min=0, max=100000,
-                             tooltip="Total steps of the run. 0 keeps the run's own; more extends it (with a "
+                setting_input("steps", default=0, min=0,
+                              tooltip="Total steps of the run. 0 keeps the run's own; more extends it (with a "
                              "decaying schedule, that stretches the schedule)."),
                 stop_at_input(optional=False),
                 previews_input(),
-                io.Float.Input("learning_rate", default=0.0, min=0.0, max=10.0, step=1e-6, round=1e-7,
-                               optional=True, tooltip="A new learning rate for the steps this node adds, e.g. half "
+                setting_input("learning_rate", default=0.0, min=0.0, optional=True, tooltip="A new learning rate for the steps this node adds, e.g. half "
                                "the run's after a NaN stop. 0 keeps the run's own rate and schedule."),
-                io.Combo.Input("lr_schedule", options=["keep", *LR_SCHEDULES], default="keep", optional=True,
-                               tooltip="A new schedule for the steps this node adds (it starts at this node's step, "
+                setting_input("lr_schedule", options=["keep", *LR_SCHEDULES], default="keep",
+                              tooltip="A new schedule for the steps this node adds (it starts at this node's step, "
                                "without warmup). keep: the run's own."),
                 io.Boolean.Input("allow_other_base", default=False, optional=True,
                                  tooltip="Continue on a MODEL whose weights differ from the one the state was "
@@ -499,37 +454,12 @@ class Dev2ProTrainAdvanced(io.ComfyNode):
             category=CATEGORY,
             description="Details of timestep sampling, the Huber loss, weight decay and compilation for Train LoRA.",
             inputs=[
-                io.Float.Input("sigmoid_scale", default=1.0, min=0.01, max=10.0, step=0.05,
-                               tooltip="flux_shift / shift / sigmoid: t = sigmoid(scale x N(0,1)); larger spreads "
-                               "timesteps towards both ends."),
-                io.Float.Input("shift", default=3.0, min=0.01, max=100.0, step=0.05,
-                               tooltip="timestep_sampling 'shift': t' = s t / (1 + (s-1) t); above 1 favours noisier "
-                               "steps."),
-                io.Float.Input("logit_mean", default=0.0, min=-5.0, max=5.0, step=0.05,
-                               tooltip="timestep_sampling 'logit_normal': mean of the normal before the sigmoid."),
-                io.Float.Input("logit_std", default=1.0, min=0.01, max=5.0, step=0.05,
-                               tooltip="timestep_sampling 'logit_normal': its standard deviation."),
-                io.Float.Input("huber_delta", default=0.1, min=0.001, max=10.0, step=0.01,
-                               tooltip="loss 'huber': quadratic below this error, linear above."),
-                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001,
-                               tooltip="Decoupled weight decay of the optimizer."),
-                io.Combo.Input("compile", options=list(COMPILE_MODES), default="auto", optional=True,
-                               tooltip="torch.compile the transformer blocks: auto = on CUDA GPUs (about a minute "
-                               "of compiling on the first step and on each new image size, then faster steps); "
-                               "off = plain PyTorch."),
-                io.Combo.Input("fp8_matmul", options=list(FP8_MATMUL_MODES), default="off", optional=True,
-                               tooltip="on: an fp8 (e4m3fn) base multiplies on fp8 tensor cores in the forward "
-                               "passes, each layer input scaled to fp8 on the fly; gradients stay bf16. Needs an "
-                               "RTX 40xx / L4 / H100 class GPU and an fp8 base. On an H100 about 10% faster steps at "
-                               "512x512 and 1024x1024; the loss stays within 0.2% of bf16 compute. "
-                               "off = bf16 matmuls, as ComfyUI does."),
+                *[setting_input(setting.name) for setting in on_node("advanced")],
             ],
             outputs=[AdvancedSettings.Output(display_name="advanced", tooltip="For Train LoRA's 'advanced' input.")],
         )
 
     @classmethod
-    def execute(cls, sigmoid_scale, shift, logit_mean, logit_std, huber_delta, weight_decay, compile="auto",
-                fp8_matmul="off") -> io.NodeOutput:
-        return io.NodeOutput(dict(sigmoid_scale=sigmoid_scale, shift=shift, logit_mean=logit_mean,
-                                  logit_std=logit_std, huber_delta=huber_delta, weight_decay=weight_decay,
-                                  compile=compile, fp8_matmul=fp8_matmul))
+    def execute(cls, **settings) -> io.NodeOutput:
+        return io.NodeOutput({setting.name: settings.get(setting.name, setting.default)
+                              for setting in on_node("advanced")})

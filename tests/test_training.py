@@ -102,12 +102,12 @@ def test_gradient_checkpointing_gives_the_same_adapter(core, model_file):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("steps", 0, "steps must be at least 1"),
+    ("steps", 0, "steps must be 1..100000, got 0"),
     ("rank", 0, "rank must be 1..256"),
-    ("learning_rate", 0.0, "learning_rate must be in (0, 10)"),
+    ("learning_rate", 0.0, "learning_rate must be 1e-08..10.0, got 0.0"),
     ("optimizer", "sgd", "optimizer must be one of adamw, adafactor, prodigy"),
-    ("warmup_steps", 600, "warmup_steps must be below steps (500)"),
-    ("caption_dropout", 1.0, "caption_dropout must be in [0, 1)"),
+    ("warmup_steps", 1200, "warmup_steps must be below steps (1000)"),
+    ("caption_dropout", 1.0, "caption_dropout must be 0.0..0.99, got 1.0"),
 ])
 def test_bad_settings_are_refused_before_any_work(core, field, value, message):
     with pytest.raises(core.config.SettingError, match=re.escape(message)) as error:
