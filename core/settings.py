@@ -58,7 +58,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "typical for a subject LoRA.", 1, MAX_STEPS, optional=False),
     _s("learning_rate", "float", 1e-4, "1e-4 suits AdamW at rank 16; Adafactor similar; Prodigy takes 1.0 (it sets "
        "its own step size and treats this as a multiplier). Values down to 1e-8 are kept as typed.", 1e-8, 10.0,
-       step=1e-6, round=1e-10, optional=False),
+       # the front ends round a float widget to the decimals of its step: 1e-5 once rounded 5e-6 away
+       step=1e-8, round=1e-8, optional=False),
     _s("rank", "int", 16, "LoRA rank: capacity and file size (rank 16 is about 150 MB in bf16).", 1, 256,
        optional=False),
     _s("alpha", "float", 16.0, "LoRA alpha; the update is scaled by alpha / rank. alpha = rank means 1.0.", 0.01,

@@ -112,10 +112,8 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
         try:
             images = sample_previews(previews, weights.to_kohya())
             preview_images.append(images)
-            for i, image in enumerate(images):  # shown live on the node, and labelled with the step on the panel
-                pil = image_to_pil(image)
-                progress.update_absolute(step, config.steps, ("JPEG", pil, 768))
-                RUNS.preview(live, step, save_preview(pil, node_id, step, i))
+            for i, image in enumerate(images):  # the panel shows them with their step (ComfyUI's own preview
+                RUNS.preview(live, step, save_preview(image_to_pil(image), node_id, step, i))  # grew the node)
             send_status(live)
         except comfy.model_management.InterruptProcessingException:
             cancelled[0] = True

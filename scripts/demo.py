@@ -1,4 +1,4 @@
-"""The main job: run the shipped API workflow (workflows/dev2pro_train_and_apply_api.json) on a real ComfyUI server.
+"""The main job: run the shipped API workflow (workflows_api/dev2pro_train_and_apply_api.json) on a real ComfyUI server.
 
 - Real mode: when every model file the workflow names is in $COMFYUI_PATH/models and training images are in
   $COMFYUI_PATH/input/dev2pro_dataset, the workflow runs unchanged: it trains on Flux-dev2pro for real.
@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-API_WORKFLOW = os.path.join(PACK_DIR, "workflows", "dev2pro_train_and_apply_api.json")
+API_WORKFLOW = os.path.join(PACK_DIR, "workflows_api", "dev2pro_train_and_apply_api.json")
 DEMO_DEV2PRO = "demo-flux-dev2pro.safetensors"
 DEMO_FLUX_DEV = "demo-flux-dev.safetensors"
 MODEL_INPUTS = {  # (node input, models folder) of the files a real run needs
@@ -129,6 +129,47 @@ def demo_prompt(prompt: dict, train_steps: int) -> dict:
     return p
 
 
+def demo_ui_workflow(server: "ComfyServer", train_steps: int, preview_every: int = 0) -> dict:
+    """The demo graph as a UI workflow (what the browser loads), laid out as the shipped template, from the live
+    node definitions of ``server``; with ``preview_every``, Training Previews on the demo Flux-dev too."""
+    from build_workflows import COLUMNS, layout
+    from workflow_format import api_to_ui
+
+    with open(API_WORKFLOW) as f:
+        prompt = demo_prompt(json.load(f), train_steps)
+    columns = COLUMNS
+    if preview_every:
+        prompt["21"] = {"class_type": "Dev2ProPreviewSettings", "_meta": {"title": "Previews (demo)"}, "inputs": {
+            "model": ["12", 0], "clip": ["6", 0], "vae": ["4", 0], "prompts": "a red ellipse on white",
+            "every_steps": preview_every, "guidance": 3.5, "steps": 2, "width": 64, "height": 64, "seed": 0,
+            "sampler_name": "euler", "scheduler": "simple"}}
+        prompt["9"]["inputs"]["previews"] = ["21", 0]
+        columns = [list(c) + (["21"] if "8" in c else []) for c in COLUMNS]
+    info = server.get("/object_info")
+    defs = {n["class_type"]: info[n["class_type"]] for n in prompt.values()}
+    positions, sizes = layout(prompt, columns, defs)
+    return api_to_ui(prompt, defs, positions, sizes)
+
+
+def serve(comfyui: str, workdir: str, train_steps: int) -> None:
+    """Demo models, a ComfyUI server on them and the demo workflow in its Workflows sidebar, until Ctrl-C."""
+    prepare_demo_folder(workdir)
+    with ComfyServer(comfyui, ["--cpu", "--base-directory", workdir], os.path.join(workdir, "comfyui.log")) as server:
+        folder = os.path.join(workdir, "user", "default", "workflows")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "dev2pro_demo.json")
+        with open(path + ".partial", "w") as f:
+            json.dump(demo_ui_workflow(server, train_steps), f, indent=1)
+        os.replace(path + ".partial", path)
+        print(f"ComfyUI runs the demo at {server.url}\n  open it in a browser, then Workflows (sidebar) -> "
+              f"dev2pro_demo, and Queue. Ctrl-C stops the server.", flush=True)
+        try:
+            while server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
 def prepare_demo_folder(workdir: str) -> None:
     """Random models and a synthetic dataset under ``workdir`` (ComfyUI's --base-directory layout); kept between runs."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -226,10 +267,15 @@ def main() -> None:
     parser.add_argument("--mode", choices=["auto", "real", "demo"], default="auto")
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/dev2pro-lora/demo"),
                         help="demo mode's ComfyUI base directory (models, input, output)")
-    parser.add_argument("--train-steps", type=int, default=30, help="training steps in demo mode")
+    parser.add_argument("--train-steps", type=int, help="training steps in demo mode (30; 200 with --serve)")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--serve", action="store_true", help="demo mode for the browser: start ComfyUI on the demo "
+                        "models with the demo workflow in its Workflows sidebar, and keep it running")
     a = parser.parse_args()
-    print(json.dumps(run(comfyui_path(), a.mode, a.workdir, a.train_steps, a.timeout)))
+    if a.serve:
+        serve(comfyui_path(), a.workdir, a.train_steps or 200)
+        return
+    print(json.dumps(run(comfyui_path(), a.mode, a.workdir, a.train_steps or 30, a.timeout)))
 
 
 if __name__ == "__main__":

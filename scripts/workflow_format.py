@@ -14,6 +14,12 @@ def is_widget(spec) -> bool:
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
+def has_control_widget(name: str, spec) -> bool:
+    """The front end adds a "control after generate" widget after this one (its own rule for seed inputs)."""
+    options = spec[1] if len(spec) > 1 else {}
+    return bool(options.get("control_after_generate")) or (spec[0] == "INT" and name in ("seed", "noise_seed"))
+
+
 def ordered_inputs(input_types: dict):
     for section in ("required", "optional"):
         yield from input_types.get(section, {}).items()
@@ -24,7 +30,7 @@ def widget_values(input_types: dict, inputs: dict) -> list:
     for name, spec in ordered_inputs(input_types):
         if is_widget(spec) and name in inputs:
             values.append(inputs[name])
-            if len(spec) > 1 and spec[1].get("control_after_generate"):
+            if has_control_widget(name, spec):
                 values.append("fixed")  # the front end's "control after generate" widget
     return values
 
@@ -36,8 +42,10 @@ def node_definition(node_class) -> dict:
     return {"input": node_class.INPUT_TYPES(), "output": outputs, "output_name": list(names)}
 
 
-def api_to_ui(prompt: dict, node_defs: dict, positions: dict) -> dict:
-    """A UI workflow (LiteGraph JSON, version 0.4) for an API prompt whose node ids are integers."""
+def api_to_ui(prompt: dict, node_defs: dict, positions: dict, sizes: dict | None = None,
+              muted: tuple[str, ...] = ()) -> dict:
+    """A UI workflow (LiteGraph JSON, version 0.4) for an API prompt whose node ids are integers; ``muted`` nodes
+    are in the graph but not queued (mode 2, Ctrl+M in the editor)."""
     links, nodes = [], []
     out_links = {}
     for node_id, node in prompt.items():
@@ -57,8 +65,9 @@ def api_to_ui(prompt: dict, node_defs: dict, positions: dict) -> dict:
         outputs = [{"name": out_name, "type": out_type, "links": out_links.get((int(node_id), i), []), "slot_index": i}
                    for i, (out_name, out_type) in enumerate(zip(definition["output_name"], definition["output"]))]
         nodes.append({
-            "id": int(node_id), "type": node["class_type"], "pos": list(positions[node_id]), "size": [320, 130],
-            "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+            "id": int(node_id), "type": node["class_type"], "pos": list(positions[node_id]),
+            "size": list((sizes or {}).get(node_id, (320, 130))), "flags": {}, "order": order,
+            "mode": 2 if node_id in muted else 0, "inputs": inputs, "outputs": outputs,
             "title": node.get("_meta", {}).get("title", node["class_type"]),
             "properties": {"Node name for S&R": node["class_type"]},
             "widgets_values": widget_values(definition["input"], node["inputs"]),
@@ -95,7 +104,7 @@ def ui_to_api(workflow: dict, node_defs: dict) -> dict:
             if value is values:  # fewer values than widgets: the rest keep their defaults
                 break
             inputs.setdefault(name, value)
-            if len(spec) > 1 and spec[1].get("control_after_generate"):
+            if has_control_widget(name, spec):
                 next(values)
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt

@@ -31,9 +31,9 @@ def test_api_workflow_runs_through_a_real_server(tmp_path):
     served = {}
 
     def front_end_files(server):
-        script = next(e for e in server.get("/extensions") if e.endswith("/dev2pro_train_progress.js"))
+        script = next(e for e in server.get("/extensions") if e.endswith("/dev2pro_train_panel.js"))
         served["script"] = server.get_text(script)
-        served["help"] = server.get_text(script.rsplit("/", 1)[0] + "/docs/Dev2ProTrainLoRA.md")
+        served["help"] = server.get_text(script.rsplit("/", 1)[0] + "/docs/Dev2ProTrainLoRA/en.md")
         served["refusals"] = {name: refusal(server, prompt) for name, prompt in HOSTILE_PROMPTS.items()}
 
     result = demo.run(comfyui_path(), "demo", str(tmp_path), train_steps=8, timeout=600, while_running=front_end_files)

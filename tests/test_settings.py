@@ -45,7 +45,7 @@ def test_a_learning_rate_below_1e_5_reaches_training_as_given(comfy, core):
 
     graph = graphs.training_graph("missing.safetensors", learning_rate=5e-6)
     _, options = node_inputs(comfy, "Dev2ProTrainLoRA")["learning_rate"]
-    assert options["round"] <= 1e-9 and options["min"] <= 1e-8
+    assert options["step"] <= 1e-8 and options["round"] <= 1e-8 and options["min"] <= 1e-8
     ok, error, _, node_errors = asyncio.run(execution.validate_prompt("x", graph, None))
     assert "learning_rate" not in str(node_errors)
 

@@ -1,5 +1,6 @@
-"""The shipped workflows: each UI file is the same graph as its API twin, every node in them exists, they encode the
-recipe, and the A/B workflow runs through on small random models."""
+"""The shipped workflows: workflows/ holds UI templates only (ComfyUI's template browser lists every JSON there),
+each the same graph as its API twin in workflows_api/, every widget value fits the live node definitions, they
+encode the recipe, and the A/B and preview-continue workflows run through on small random models."""
 import copy
 import json
 import os
@@ -7,18 +8,67 @@ import os
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 import nodes
 import random_models
-from workflow_format import node_definition, ui_to_api
+from workflow_format import has_control_widget, node_definition, ui_to_api
 
-WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
-NAMES = ("dev2pro_train_and_apply", "dev2pro_ab_guidance")
+PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS, API_WORKFLOWS = os.path.join(PACK, "workflows"), os.path.join(PACK, "workflows_api")
+NAMES = ("dev2pro_train_and_apply", "dev2pro_train_preview_continue", "dev2pro_ab_guidance")
 
 
 def load(name):
-    with open(os.path.join(WORKFLOWS, name)) as f:
+    folder = API_WORKFLOWS if name.endswith("_api.json") else WORKFLOWS
+    with open(os.path.join(folder, name)) as f:
         return json.load(f)
+
+
+def test_the_template_folder_holds_ui_workflows_only_each_with_a_thumbnail():
+    names = sorted(f for f in os.listdir(WORKFLOWS) if f.endswith(".json"))
+    assert names == sorted(f"{n}.json" for n in NAMES)
+    for name in names:
+        workflow = load(name)
+        assert {"nodes", "links", "version"} <= set(workflow), f"{name} is not a UI workflow"
+        thumbnail = os.path.join(WORKFLOWS, name[: -len(".json")] + ".jpg")
+        assert os.path.getsize(thumbnail) > 1000, f"{name} has no thumbnail"
+        with Image.open(thumbnail) as image:
+            assert image.width >= 256 and image.height >= 128
+
+
+def widget_inputs(definition):
+    from workflow_format import is_widget, ordered_inputs
+
+    return [(name, spec) for name, spec in ordered_inputs(definition["input"]) if is_widget(spec)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_widget_value_fits_the_live_node_definition(comfy, name):
+    """What a user sees on loading the template: each node type exists, has no more widget values than widgets (in
+    their order), and each value is one the widget accepts (in range, or one of the combo's options)."""
+    for n in load(f"{name}.json")["nodes"]:
+        assert n["type"] in nodes.NODE_CLASS_MAPPINGS, n["type"]
+        definition = node_definition(nodes.NODE_CLASS_MAPPINGS[n["type"]])
+        values = iter(n["widgets_values"])
+        count = 0
+        for input_name, spec in widget_inputs(definition):
+            options = spec[1] if len(spec) > 1 else {}
+            value = next(values, values)
+            if value is values:  # fewer values than widgets: the front end gives the rest their defaults
+                break
+            count += 1
+            if has_control_widget(input_name, spec):
+                assert next(values) in ("fixed", "increment", "decrement", "randomize")
+                count += 1
+            kind = spec[0]
+            choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
+            if choices is not None:
+                if not (isinstance(value, str) and value.endswith((".safetensors", ".dev2pro-state"))):
+                    assert value in choices, (n["title"], input_name, value)  # file names are the user's
+            elif kind in ("INT", "FLOAT"):
+                assert options.get("min", value) <= value <= options.get("max", value), (n["title"], input_name)
+        assert count == len(n["widgets_values"]), (n["title"], "widget count")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -28,6 +78,7 @@ def test_ui_workflow_converts_to_the_api_workflow(comfy, name):
     defs = {n["type"]: node_definition(nodes.NODE_CLASS_MAPPINGS[n["type"]]) for n in ui["nodes"]}
     expected = {node_id: {"class_type": n["class_type"], "inputs": n["inputs"]} for node_id, n in api.items()}
     assert ui_to_api(ui, defs) == expected
+    assert all(n["title"] == api[str(n["id"])]["_meta"]["title"] for n in ui["nodes"] if str(n["id"]) in api)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -107,6 +158,10 @@ def small(api: dict) -> dict:
             i.update(folder="ab_dataset", resolution=64)
         elif kind == "Dev2ProTrainLoRA":
             i.update(steps=2, learning_rate=1e-3, rank=4, alpha=4.0)
+            if i.get("stop_at_step"):
+                i.update(steps=4, stop_at_step=2)
+        elif kind == "Dev2ProPreviewSettings":
+            i.update(width=64, height=64, steps=2, every_steps=1)
         elif kind == "EmptySD3LatentImage":
             i.update(width=64, height=64)
         elif kind == "KSampler":
@@ -127,3 +182,30 @@ def test_ab_workflow_runs_and_shows_both_samples_and_both_checks(comfy, demo_fil
         assert len(outputs[node_id]["images"]) == 1
     saves = [outputs[node_id]["lora_files"][0] for node_id in of_type(api, "Dev2ProSaveLoRA")]
     assert sorted(saves) == ["ab_test/ab_dev2pro_g1_00001.safetensors", "ab_test/ab_dev_g3.5_00001.safetensors"]
+
+
+def test_preview_workflow_trains_half_saves_the_state_and_its_muted_part_continues_it(comfy, demo_files):
+    ui = load("dev2pro_train_preview_continue.json")
+    muted = {str(n["id"]) for n in ui["nodes"] if n["mode"] == 2}
+    assert {ui_node["type"] for ui_node in ui["nodes"] if str(ui_node["id"]) in muted} == {
+        "Dev2ProLoadTrainingState", "Dev2ProContinueTraining", "Dev2ProSaveLoRA"}
+    api = small(load("dev2pro_train_preview_continue_api.json"))
+    first = comfy.run(api)
+    [train] = of_type(api, "Dev2ProTrainLoRA")
+    assert first[[k for k in of_type(api, "PreviewImage")][0]]["images"], "previews are shown"
+    [lora] = first[[k for k in of_type(api, "Dev2ProSaveLoRA")][0]]["lora_files"]
+    [state] = first[[k for k in of_type(api, "Dev2ProSaveLoRA")][0]]["training_state_files"]
+    # the user unmutes the second part and picks the state just saved
+    defs = {n["type"]: node_definition(nodes.NODE_CLASS_MAPPINGS[n["type"]]) for n in ui["nodes"]}
+    for n in ui["nodes"]:
+        n["mode"] = 0
+        if n["type"] == "Dev2ProLoadTrainingState":
+            n["widgets_values"] = [state]
+    both = small({k: {**v, "_meta": {"title": ""}} for k, v in ui_to_api(ui, defs).items()})
+    outputs = comfy.run(both)
+    saves = {k: outputs[k]["lora_files"][0] for k in of_type(both, "Dev2ProSaveLoRA") if k in outputs}
+    continued = [f for k, f in saves.items() if k in muted]
+    assert continued and "run_continued" in continued[0]
+    with safe_open(comfy.path("loras", continued[0]), framework="pt") as f:
+        assert f.metadata()["ss_steps"] == "4"
+    assert lora.startswith("ab_test/run_")
