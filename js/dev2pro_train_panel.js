@@ -13,7 +13,8 @@ const STYLE = `
 .dev2pro-panel { box-sizing: border-box; min-height: ${PANEL_HEIGHT - 20}px; display: flex; flex-direction: column; gap: 4px; padding: 4px 6px;
   font: 12px/1.3 monospace; color: #ccc; background: #1c1c1c; border-radius: 6px; overflow: hidden; }
 .dev2pro-panel .d2p-stats { color: #9c9; }
-.dev2pro-panel .d2p-status { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.dev2pro-panel .d2p-status { overflow-wrap: anywhere; }
+.dev2pro-panel button { white-space: nowrap; }
 .dev2pro-panel canvas { width: 100%; flex: 1 1 auto; min-height: 80px; background: #111; border-radius: 4px; }
 .dev2pro-panel .d2p-row { display: flex; gap: 8px; align-items: center; }
 .dev2pro-panel button { font: inherit; padding: 1px 8px; cursor: pointer; }
@@ -57,9 +58,8 @@ class TrainingPanel {
     const log = document.createElement("label");
     log.innerHTML = '<input type="checkbox"> log scale';
     log.querySelector("input").addEventListener("change", (e) => { this.logScale = e.target.checked; this.draw(); });
-    this.status = document.createElement("span");
-    this.status.className = "d2p-status";
-    row.append(this.stopButton, log, this.status);
+    row.append(this.stopButton, log);
+    this.status = this.add("div", "d2p-status");
     this.previews = this.add("div", "d2p-previews");
     new ResizeObserver(() => this.draw()).observe(this.canvas);
   }

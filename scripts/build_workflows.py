@@ -138,8 +138,9 @@ WORKFLOW_GRAPHS = {  # name: (graph, columns, muted nodes)
 # Heights as the front ends draw nodes (LiteGraph: 20 px a socket row, about 24 a widget), with room to spare;
 # tests/test_browser.py measures the real ones and fails on any overlap.
 WIDTH, GAP = 360, 50
+# Save LoRA grows by the lines naming the files it wrote (js/dev2pro_file_text.js).
 EXTRA_HEIGHT = {"Dev2ProTrainLoRA": 310, "Dev2ProContinueTraining": 310, "PreviewImage": 280, "SaveImage": 280,
-                "Dev2ProGuidanceResponse": 280}
+                "Dev2ProGuidanceResponse": 280, "Dev2ProSaveLoRA": 80, "Dev2ProLoadLoRA": 80}
 EXTRA_WIDTH = {"Dev2ProTrainLoRA": 460, "Dev2ProContinueTraining": 460}
 
 

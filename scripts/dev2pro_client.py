@@ -1,17 +1,23 @@
-"""Run an API-format workflow on a ComfyUI server from the terminal, with a progress bar for training.
+#!/usr/bin/env python3
+"""Run an API-format workflow (e.g. workflows_api/dev2pro_train_and_apply_api.json) on a running ComfyUI server.
 
     python scripts/dev2pro_client.py workflows_api/dev2pro_train_and_apply_api.json \\
-        --server http://127.0.0.1:8188 --steps 1500 --set "Train LoRA on Flux-dev2pro.learning_rate=5e-5"
+        --dataset-folder my_dog --steps 1500 --set "Sample prompt.text=a photo of sks dog in the snow"
 
-Inputs are set by node id or title (``--set NODE.INPUT=VALUE``, VALUE read as JSON when it parses). Progress comes
-from the server's websocket (the pack's ``dev2pro.train.*`` events). Ctrl-C asks the trainers for Stop & save
-(POST /dev2pro/stop: the adapter is kept and the graph goes on); a second Ctrl-C cancels the run. Output images
-are downloaded into --output-dir, never over an existing file. Exit codes: 0 done, 1 a node failed, 2 the server
-refused the workflow or an input, 3 no server, 130 cancelled.
+Queues the workflow (POST /prompt), follows it over ComfyUI's websocket with a progress bar per trainer (step,
+loss, seconds per step, ETA), then downloads the output images into --output-dir and prints the saved LoRA files.
+Ctrl-C once: Stop & save (the trainers end after their current step, the adapter is kept and the rest of the graph
+runs). Ctrl-C again: Cancel (ComfyUI's interrupt).
+
+--set NODE.INPUT=VALUE picks the node by id or by title (case-insensitive); VALUE is read as JSON when it parses
+(1500, 0.5, true, "7"), else as the plain string. The shortcuts set their input on every Dev2Pro node that has it.
+
+Exit codes: 0 done, 1 a node failed, 2 the workflow or a --set was refused, 3 no server, 130 cancelled.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -22,201 +28,369 @@ import urllib.parse
 import urllib.request
 import uuid
 
-import websocket
+import websocket  # websocket-client
 from tqdm import tqdm
 
-TRAINERS = ("Dev2ProTrainLoRA",)
-SHORTCUTS = {  # option: (node types, input)
-    "dataset_folder": (("Dev2ProDataset",), "folder"), "steps": (TRAINERS, "steps"), "seed": (TRAINERS, "seed"),
-    "learning_rate": (TRAINERS, "learning_rate")}
+STEP_EVENT, STATUS_EVENT = "dev2pro.train.step", "dev2pro.train.status"
+TRAINERS = ("Dev2ProTrainLoRA", "Dev2ProContinueTraining")  # Preview Settings' steps / seed are sampler settings
+SHORTCUTS = {"dataset_folder": "folder", "steps": "steps", "seed": "seed", "learning_rate": "learning_rate"}
+START_HINT = "start ComfyUI with: python main.py --listen 127.0.0.1 --port 8188 (in the ComfyUI folder)"
 
 
 class Refused(Exception):
-    """The workflow or an input is wrong: exit 2."""
+    """The workflow, a --set or the server's validation refused it: exit 2."""
 
 
-def http(server: str, path: str, body: dict | None = None, timeout: float = 30):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server + path, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as r:
-        return r.read()
+class NoServer(Exception):
+    """Nothing answers at --server: exit 3."""
 
 
-def set_input(prompt: dict, target: str, value) -> None:
-    node_ref, _, name = target.rpartition(".")
-    if not node_ref or not name:
-        raise Refused(f"--set {target}: write NODE.INPUT=VALUE, NODE being a node id or title")
-    if node_ref in prompt:
-        ids = [node_ref]
-    else:
-        ids = [k for k, n in prompt.items() if n.get("_meta", {}).get("title", "").lower() == node_ref.lower()]
-    if len(ids) != 1:
-        titles = ", ".join(f"{k}: {n.get('_meta', {}).get('title', n['class_type'])}" for k, n in prompt.items())
-        raise Refused(f"--set {target}: {'no' if not ids else 'more than one'} node '{node_ref}' (nodes: {titles})")
-    prompt[ids[0]]["inputs"][name] = value
+class Comfy:
+    """ComfyUI's HTTP API at ``url``."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def request(self, method: str, path: str, body: object = None, timeout: float = 30) -> bytes:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return r.read()
+        except urllib.error.HTTPError:
+            raise
+        except (urllib.error.URLError, OSError) as e:
+            raise NoServer(f"no ComfyUI server answers at {self.url} ({getattr(e, 'reason', e)}); {START_HINT}, "
+                           "or point --server at yours") from e
+
+    def json(self, method: str, path: str, body: object = None) -> object:
+        raw = self.request(method, path, body)
+        return json.loads(raw) if raw.strip() else None
 
 
-def parse_value(text: str):
+def title(prompt: dict, node_id: str) -> str:
+    node = prompt.get(str(node_id), {})
+    return node.get("_meta", {}).get("title") or node.get("class_type", "?")
+
+
+def find_node(prompt: dict, name: str) -> str:
+    if name in prompt:
+        return name
+    found = [i for i in prompt if title(prompt, i).casefold() == name.casefold()]
+    if len(found) == 1:
+        return found[0]
+    listing = "\n".join(f"  {i}: {title(prompt, i)} ({n.get('class_type')})" for i, n in prompt.items())
+    raise Refused(f"--set: '{name}' {'is the title of several nodes' if found else 'is no node id or title'}; "
+                  f"the nodes are:\n{listing}")
+
+
+def parse_value(text: str) -> object:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except ValueError:
         return text
 
 
-def prepare(args) -> dict:
-    with open(args.workflow) as f:
-        prompt = json.load(f)
-    if "nodes" in prompt and "links" in prompt:
-        raise Refused(f"{args.workflow} is a UI workflow; use its API twin (workflows_api/, or Export (API) in ComfyUI)")
-    for option, (types, name) in SHORTCUTS.items():
+def apply_settings(prompt: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Apply the shortcuts, then every --set (so a --set wins); returns the (node, input) pairs set."""
+    changed = []
+    for option, name in SHORTCUTS.items():
         value = getattr(args, option)
         if value is None:
             continue
-        hits = [n for n in prompt.values() if n["class_type"] in types]
-        if not hits:
-            raise Refused(f"--{option.replace('_', '-')}: this workflow has no {' or '.join(types)} node")
-        for n in hits:
-            n["inputs"][name] = value
+        nodes = [i for i, n in prompt.items() if name in n.get("inputs", {}) and
+                 (n["class_type"].startswith("Dev2Pro") if name == "folder" else n["class_type"] in TRAINERS)]
+        if not nodes:
+            raise Refused(f"--{option.replace('_', '-')}: no Dev2Pro node of this workflow has an input '{name}'")
+        for i in nodes:
+            prompt[i]["inputs"][name] = value
     for item in args.set:
-        target, sep, value = item.partition("=")
-        if not sep:
-            raise Refused(f"--set {item}: write NODE.INPUT=VALUE")
-        set_input(prompt, target, parse_value(value))
-    return prompt
+        target, eq, value = item.partition("=")
+        node, dot, name = target.rpartition(".")  # titles may hold dots ("Training guidance 1.0"), names do not
+        if not (eq and dot and node and name):
+            raise Refused(f"--set {item!r}: expected NODE.INPUT=VALUE, e.g. 9.steps=500")
+        node_id = find_node(prompt, node)
+        prompt[node_id].setdefault("inputs", {})[name] = parse_value(value)
+        changed.append((node_id, name))
+    return changed
 
 
-def refusal(prompt: dict, answer: dict) -> str:
-    lines = [f"ComfyUI refused the workflow: {answer.get('error', {}).get('message', answer)}"]
-    for node_id, errors in (answer.get("node_errors") or {}).items():
-        title = prompt.get(node_id, {}).get("_meta", {}).get("title", errors.get("class_type", ""))
-        for e in errors.get("errors", []):
-            lines.append(f"  {errors.get('class_type')} (node {node_id}, '{title}'), input "
-                         f"{e.get('details') or e.get('extra_info', {}).get('input_name', '?')}: {e.get('message')}")
+def check_new_inputs(comfy: Comfy, prompt: dict, changed: list[tuple[str, str]], original: dict) -> None:
+    """An input a --set adds to a node must be one its class declares (ComfyUI would silently ignore it)."""
+    for node_id, name in changed:
+        if name in original.get(node_id, {}).get("inputs", {}):
+            continue
+        cls = prompt[node_id]["class_type"]
+        info = (comfy.json("GET", f"/object_info/{urllib.parse.quote(cls)}") or {}).get(cls)
+        declared = [n for part in ("required", "optional") for n in (info or {}).get("input", {}).get(part, {})]
+        if info is not None and name not in declared:
+            raise Refused(f"--set: node {node_id} ({cls}, '{title(prompt, node_id)}') has no input '{name}'; "
+                          f"its inputs: {', '.join(declared)}")
+
+
+def refusal(answer: dict, prompt: dict) -> str:
+    """ComfyUI's validation answer as lines naming node, input and what ComfyUI said."""
+    error, node_errors = answer.get("error") or {}, answer.get("node_errors") or {}
+    if isinstance(error, str):
+        error = {"message": error}
+    lines = [f"ComfyUI refused the workflow: {error.get('message', 'no reason given')}" +
+             (f" ({error['details']})" if error.get("details") and not node_errors else "")]
+    for node_id, entry in node_errors.items():
+        who = f"node {node_id} ({entry.get('class_type') or prompt.get(node_id, {}).get('class_type')}, " \
+              f"'{title(prompt, node_id)}')"
+        for e in entry.get("errors", []):
+            name = (e.get("extra_info") or {}).get("input_name")
+            details = e.get("details") if e.get("details") and e.get("details") != name else ""
+            lines.append(f"  {who}" + (f", input '{name}'" if name else "") + f": {e.get('message')}" +
+                         (f" ({details})" if details else ""))
     return "\n".join(lines)
 
 
-def download(server: str, images: list[dict], folder: str) -> list[str]:
+class Follower:
+    """Follows one prompt over the websocket until it ends; Ctrl-C asks Stop & save, twice Cancel."""
+
+    def __init__(self, comfy: Comfy, ws: websocket.WebSocket, prompt_id: str, prompt: dict, say):
+        self.comfy, self.ws, self.prompt_id, self.prompt, self.say = comfy, ws, prompt_id, prompt, say
+        self.bars: dict[str, tqdm] = {}
+        self.saved: list[str] = []
+        self.states: dict[str, str] = {}
+        self.presses = self.handled = 0
+        self.cancel_deadline: float | None = None
+        self.end: tuple[str, dict] | None = None  # ("done" | "failed" | "cancelled", message data)
+
+    def on_sigint(self, signum, frame) -> None:
+        self.presses += 1
+        if self.presses > 2:
+            raise KeyboardInterrupt
+
+    def run(self) -> tuple[str, dict]:
+        previous = signal.signal(signal.SIGINT, self.on_sigint)
+        self.ws.settimeout(0.5)  # a Ctrl-C is acted on within half a second
+        try:
+            while self.end is None:
+                if self.handled < self.presses:
+                    self.handled += 1
+                    self.stop() if self.handled == 1 else self.cancel()
+                if self.cancel_deadline is not None and time.time() > self.cancel_deadline:
+                    return "cancelled", {}
+                try:
+                    frame = self.ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    continue
+                except (websocket.WebSocketConnectionClosedException, OSError) as e:
+                    raise NoServer(f"lost the connection to ComfyUI at {self.comfy.url} ({e})") from e
+                if isinstance(frame, str):  # binary frames are preview images
+                    self.handle(json.loads(frame))
+            return self.end
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            for bar in self.bars.values():
+                bar.close()
+
+    def stop(self) -> None:
+        answer = self.post("/dev2pro/stop", {"prompt_id": self.prompt_id})
+        if answer is not None and not answer.get("stopping"):
+            self.say("no trainer of this prompt is training right now (Ctrl-C again cancels the run)")
+        elif answer is not None:
+            self.say("stopping after the current step; the adapter is kept and the graph goes on "
+                     "(Ctrl-C again cancels the run)")
+
+    def cancel(self) -> None:
+        self.post("/queue", {"delete": [self.prompt_id]})  # in case it is still waiting in the queue
+        self.post("/interrupt", {"prompt_id": self.prompt_id})
+        self.say("cancelling the run (ComfyUI's interrupt)")
+        self.cancel_deadline = time.time() + 30
+
+    def post(self, path: str, body: dict) -> dict | None:
+        try:
+            return self.comfy.json("POST", path, body) or {}
+        except (urllib.error.HTTPError, NoServer) as e:
+            self.say(f"POST {path} failed: {e}")
+            return None
+
+    def handle(self, message: dict) -> None:
+        kind, data = message.get("type"), message.get("data") or {}
+        if kind in (STEP_EVENT, STATUS_EVENT):
+            if data.get("prompt_id") not in (None, self.prompt_id):
+                return
+        elif data.get("prompt_id") != self.prompt_id:
+            return  # another client's prompt, or "status" (queue length)
+        node = str(data.get("node") or data.get("node_id") or "")
+        if kind == STEP_EVENT:
+            self.step(node, data)
+        elif kind == STATUS_EVENT:
+            self.status(node, data)
+        elif kind == "executing" and data.get("node") is not None:
+            self.say(f"> node {node}: {title(self.prompt, node)} ({self.prompt.get(node, {}).get('class_type')})")
+        elif kind == "executing" or kind == "execution_success":  # node None: the prompt is done
+            self.end = self.end or ("done", data)
+        elif kind == "execution_error":
+            self.end = ("failed", data)
+        elif kind == "execution_interrupted":
+            self.end = ("cancelled", data)
+
+    def step(self, node: str, data: dict) -> None:
+        bar = self.bar(node, data.get("total") or 0)
+        bar.total, bar.n = data.get("total") or bar.total, data.get("step") or 0
+        eta = data.get("eta_seconds")
+        loss, speed = data.get("loss"), data.get("seconds_per_step")
+        bar.set_postfix_str(f"loss {'?' if loss is None else format(loss, '.4g')}, "
+                            f"{'?' if speed is None else format(speed, '.3g')} s/step, "
+                            f"ETA {'?' if eta is None else tqdm.format_interval(eta)}")
+
+    def bar(self, node: str, total: int) -> tqdm:
+        if node not in self.bars:
+            self.bars[node] = tqdm(total=total, desc=f"{title(self.prompt, node)} (node {node})", unit="step",
+                                   file=sys.stderr, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                   "[{elapsed}{postfix}]", dynamic_ncols=True)
+        return self.bars[node]
+
+    def status(self, node: str, data: dict) -> None:
+        state, before = data.get("status"), self.states.get(node)
+        self.states[node] = state
+        if state == "running":
+            self.bar(node, data.get("total") or 0)
+        elif state in ("stopped", "finished", "cancelled", "failed") and node in self.bars:
+            self.bars.pop(node).close()
+        if state in ("stopped", "finished", "cancelled") and state != before and data.get("message"):
+            # a failure's message is said by execution_error
+            self.say(f"{title(self.prompt, node)} (node {node}): {data['message']}")
+        for path in data.get("saved") or []:
+            if path not in self.saved:
+                self.saved.append(path)
+                self.say(f"saved {path}")
+
+
+def download(comfy: Comfy, image: dict, folder: str) -> str:
+    """An output image through GET /view into ``folder``; an existing file is never overwritten."""
+    query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                                    "type": image.get("type", "output")})
+    data = comfy.request("GET", f"/view?{query}", timeout=300)
     os.makedirs(folder, exist_ok=True)
-    saved = []
-    for image in images:
-        query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
-        stem, ext = os.path.splitext(image["filename"])
-        path, n = os.path.join(folder, image["filename"]), 1
-        while os.path.exists(path):  # never over an existing file
-            path, n = os.path.join(folder, f"{stem}_{n}{ext}"), n + 1
-        data = http(server, f"/view?{query}")
-        with open(path + ".partial", "wb") as f:
+    stem, ext = os.path.splitext(os.path.basename(image["filename"]))
+    for n in itertools.count():
+        path = os.path.join(folder, f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(path + ".partial", path)
-        saved.append(path)
-    return saved
+        return path
+    raise AssertionError("unreachable")
 
 
-def run(args) -> int:
-    server = args.server.rstrip("/")
+def history(comfy: Comfy, prompt_id: str, wait: float = 30) -> dict:
+    """The prompt's history entry (ComfyUI writes it just after execution_success)."""
+    deadline = time.time() + wait
+    while True:
+        entry = (comfy.json("GET", f"/history/{prompt_id}") or {}).get(prompt_id)
+        if entry is not None or time.time() > deadline:
+            return entry or {}
+        time.sleep(0.2)
+
+
+def submit_and_follow(args: argparse.Namespace, summary: dict, say) -> int:
     try:
-        prompt = prepare(args)
-    except (Refused, OSError, json.JSONDecodeError) as e:
-        print(f"dev2pro_client: {e}", file=sys.stderr)
-        return 2
+        with open(args.workflow) as f:
+            prompt = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Refused(f"cannot read the workflow {args.workflow}: {e}") from e
+    if not isinstance(prompt, dict) or "nodes" in prompt:
+        raise Refused(f"{args.workflow} is not an API-format workflow (ComfyUI: Workflow > Export (API))")
+    original = json.loads(json.dumps(prompt))
+    changed = apply_settings(prompt, args)
+    comfy = Comfy(args.server)
+    comfy.request("GET", "/system_stats")
+    check_new_inputs(comfy, prompt, changed, original)
     client_id = str(uuid.uuid4())
+    parts = urllib.parse.urlsplit(comfy.url)
+    ws_url = f"{'wss' if parts.scheme == 'https' else 'ws'}://{parts.netloc}{parts.path}/ws?clientId={client_id}"
     try:
-        http(server, "/system_stats", timeout=5)
-        ws = websocket.create_connection(f"ws{server[4:]}/ws?clientId={client_id}", timeout=1)
-    except (urllib.error.URLError, OSError, websocket.WebSocketException) as e:
-        print(f"dev2pro_client: no ComfyUI server answers at {server} ({e}). Start one with "
-              "'python main.py --listen 127.0.0.1 --port 8188' in your ComfyUI folder, or give --server.",
-              file=sys.stderr)
-        return 3
+        ws = websocket.create_connection(ws_url, timeout=30)  # before queuing, so that no event is missed
+    except (OSError, websocket.WebSocketException) as e:
+        raise NoServer(f"cannot open ComfyUI's websocket at {ws_url} ({e}); {START_HINT}") from e
     try:
-        prompt_id = json.loads(http(server, "/prompt", {"prompt": prompt, "client_id": client_id}))["prompt_id"]
-    except urllib.error.HTTPError as e:
-        print(refusal(prompt, json.loads(e.read() or b"{}")), file=sys.stderr)
-        return 2
-    interrupts = []
-
-    def on_sigint(signum, frame):
-        interrupts.append(time.time())
-        if len(interrupts) == 1:
-            http(server, "/dev2pro/stop", {"prompt_id": prompt_id})
-            tqdm.write("stopping after the current step; the adapter is kept and the graph goes on "
-                       "(Ctrl-C again cancels the run)", file=sys.stderr)
-        else:
-            http(server, "/interrupt", {"prompt_id": prompt_id})
-            tqdm.write("cancelling the run", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_sigint)
-    bars: dict[str, tqdm] = {}
-    start, status = time.time(), "running"
-    try:
-        while True:
-            if len(interrupts) > 1 and time.time() - interrupts[1] > 30:
-                status = "cancelled"
-                break
+        try:
+            answer = comfy.json("POST", "/prompt", {"prompt": prompt, "client_id": client_id})
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
             try:
-                message = ws.recv()
-            except websocket.WebSocketTimeoutException:
-                continue
-            if not isinstance(message, str):
-                continue  # preview images
-            event = json.loads(message)
-            kind, data = event.get("type"), event.get("data") or {}
-            if data.get("prompt_id") not in (prompt_id, None):
-                continue
-            if kind == "dev2pro.train.step":
-                bar = bars.get(data["node"])
-                if bar is None:
-                    bar = bars[data["node"]] = tqdm(total=data["total"], initial=data["step"] - 1, unit="step",
-                                                    desc=f"train {data['node']}", file=sys.stderr)
-                bar.update(data["step"] - bar.n)
-                eta = data.get("eta_seconds")
-                bar.set_postfix_str(f"loss {data['loss']:.4f}, {data['seconds_per_step']:.2f} s/step"
-                                    + (f", {eta / 60:.1f} min left" if eta is not None else ""))
-            elif kind == "dev2pro.train.status" and data.get("status") in ("stopped", "finished", "cancelled", "failed"):
-                saved = f"; saved as {', '.join(data['saved'])}" if data.get("saved") else ""
-                tqdm.write(f"trainer {data['node']}: {data.get('message')}{saved}", file=sys.stderr)
-            elif kind == "execution_error":
-                print(f"{data.get('node_type')} (node {data.get('node_id')}) failed: {data.get('exception_message')}",
-                      file=sys.stderr)
-                status = "failed"
-                break
-            elif kind == "execution_interrupted":
-                status = "cancelled"
-                break
-            elif kind == "execution_success":
-                status = "done"
-                break
+                raise Refused(refusal(json.loads(body), prompt)) from e
+            except ValueError:
+                raise Refused(f"ComfyUI refused the workflow (HTTP {e.code}): {body[:2000]}") from e
+        summary["prompt_id"] = prompt_id = answer["prompt_id"]
+        if answer.get("node_errors"):  # the valid outputs run, these do not
+            say(refusal({"error": {"message": "some outputs will not run"}, **answer}, prompt))
+        say(f"queued prompt {prompt_id} on {comfy.url}")
+        follower = Follower(comfy, ws, prompt_id, prompt, say)
+        state, data = follower.run()
     finally:
-        for bar in bars.values():
-            bar.close()
         ws.close()
-    entry = json.loads(http(server, f"/history/{prompt_id}")).get(prompt_id, {})
-    outputs = entry.get("outputs", {})
-    loras = [f"models/loras/{f}" for ui in outputs.values() for f in ui.get("lora_files", [])]
-    images = [i for ui in outputs.values() for i in ui.get("images", []) if i.get("type") == "output"]
-    files = download(server, images, args.output_dir) if status == "done" else []
-    for path in loras + files:
-        print(path)
-    if args.json:
-        print(json.dumps({"prompt_id": prompt_id, "status": status, "lora_files": loras, "images": files,
-                          "seconds": round(time.time() - start, 1)}))
-    return {"done": 0, "failed": 1, "cancelled": 130}[status]
+    summary["status"], summary["lora_files"] = state, list(follower.saved)
+    if state == "failed":
+        summary["error"] = f"{data.get('node_type')} (node {data.get('node_id')}) failed: " \
+                           f"{str(data.get('exception_message', '')).strip()}"
+        say(summary["error"])
+        return 1
+    if state == "cancelled":
+        say("the run was cancelled" + (f" at node {data['node_id']} ({data.get('node_type')})"
+                                       if data.get("node_id") else ""))
+        return 130
+    outputs = history(comfy, prompt_id).get("outputs", {})
+    for ui in outputs.values():
+        for name in ui.get("lora_files", []):
+            if f"models/loras/{name}" not in summary["lora_files"]:
+                summary["lora_files"].append(f"models/loras/{name}")
+    for path in summary["lora_files"]:
+        say(f"LoRA: {path}")
+    for ui in outputs.values():
+        for image in ui.get("images", []):
+            if image.get("type") == "output":
+                summary["images"].append(download(comfy, image, args.output_dir))
+                say(f"image: {summary['images'][-1]}")
+    return 0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workflow", help="an API-format workflow (workflows_api/*.json, or Export (API) in ComfyUI)")
-    parser.add_argument("--server", default="http://127.0.0.1:8188", help="the ComfyUI server's address")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("workflow", help="an API-format workflow JSON (e.g. "
+                        "workflows_api/dev2pro_train_and_apply_api.json)")
+    parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI's URL (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                        help="set an input of the node with this id or title (repeatable)")
-    parser.add_argument("--dataset-folder", help="the training images folder (Dataset from Folder's 'folder')")
-    parser.add_argument("--steps", type=int, help="training steps of every trainer")
-    parser.add_argument("--seed", type=int, help="the training seed of every trainer")
-    parser.add_argument("--learning-rate", type=float, help="the learning rate of every trainer")
-    parser.add_argument("--output-dir", default="dev2pro_outputs", help="where output images are downloaded")
-    parser.add_argument("--json", action="store_true", help="print a summary JSON line at the end")
-    sys.exit(run(parser.parse_args()))
+                        help="set an input of the node with this id or title (case-insensitive); VALUE is JSON "
+                        "when it parses, else a string. Repeatable")
+    parser.add_argument("--dataset-folder", help="the dataset folder (Dataset from Folder's 'folder': a subfolder "
+                        "of ComfyUI/input or an absolute path on the server)")
+    parser.add_argument("--steps", type=int, help="training steps of every trainer node")
+    parser.add_argument("--seed", type=int, help="training seed of every trainer node")
+    parser.add_argument("--learning-rate", type=float, help="learning rate of every trainer node")
+    parser.add_argument("--output-dir", default="dev2pro_outputs",
+                        help="where the output images are downloaded (default: ./%(default)s); never overwrites")
+    parser.add_argument("--json", action="store_true", help="print one summary JSON line at the end (prompt_id, "
+                        "status, lora_files, images, seconds); the other messages go to stderr")
+    args = parser.parse_args(argv)
+    stream = sys.stderr if args.json else sys.stdout
+    say = lambda text: tqdm.write(text, file=stream)  # noqa: E731  (keeps the progress bars intact)
+    summary = {"prompt_id": None, "status": "refused", "lora_files": [], "images": []}
+    start = time.time()
+    try:
+        code = submit_and_follow(args, summary, say)
+    except Refused as e:
+        say(str(e))
+        code = 2
+    except NoServer as e:
+        say(str(e))
+        summary["status"], code = "no_server", 3
+    except KeyboardInterrupt:
+        say("interrupted")
+        summary["status"], code = "cancelled", 130
+    if args.json:
+        print(json.dumps({**summary, "seconds": round(time.time() - start, 1)}), flush=True)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

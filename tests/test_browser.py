@@ -150,6 +150,10 @@ def test_panel_follows_training_survives_a_reload_and_stop_and_save_keeps_the_ad
 
     status = wait_for(saved_text, 300, "'saved as' on the panel")
     assert "stopped at step" in status
+    wait_for(lambda: page.evaluate("() => window.app.graph.getNodeById(10).dev2proText?.length"), 60,
+             "Save LoRA naming its file")
+    page.wait_for_timeout(500)
+    assert browser.overlaps(browser.node_boxes(page)) == [], "nodes that grew with their results overlap no other"
     browser.fit_view(page, [TRAINER, "10", "11"])
     screenshot(page, "panel_after_stop_and_save")
     run = server.get(f"/dev2pro/runs/{TRAINER}")
