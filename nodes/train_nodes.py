@@ -146,7 +146,7 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
             # torchrun gives the ranks 30 s after a Ctrl-C before it kills them: saved now, not by a later node
             path = save_rescue(model, config, result, f"stopped_step_{step:05d}", f"stopped at step {step} of "
                                f"{config.steps}")
-            RUNS.saved(node_id, path)
+            RUNS.saved(node_id, rescue_name(path))
             log.warning("%s: stopped at step %d of %d; the adapter and its training state are saved as %s", node,
                         step, config.steps, path)
     elif cancelled[0]:
@@ -173,7 +173,7 @@ def cancel(node: str, live, model, config: TrainConfig, result: TrainResult, fir
     if result.state is not None and step > first + 1:
         try:
             path = save_rescue(model, config, result, f"cancelled_step_{step:05d}", message)
-            RUNS.saved(live.node, path)
+            RUNS.saved(live.node, rescue_name(path))
             message += f"; the adapter so far and its training state are saved as {rescue_name(path)}"
         except ValueError as e:
             message += f"; the adapter so far could not be saved ({e})"

@@ -10,7 +10,8 @@ Ctrl-C once: Stop & save (the trainers end after their current step, the adapter
 runs). Ctrl-C again: Cancel (ComfyUI's interrupt).
 
 --set NODE.INPUT=VALUE picks the node by id or by title (case-insensitive); VALUE is read as JSON when it parses
-(1500, 0.5, true, "7"), else as the plain string. The shortcuts set their input on every Dev2Pro node that has it.
+(1500, 0.5, true, "7"), else as the plain string. --dataset-folder sets 'folder' on every Dev2Pro node that has it;
+--steps, --seed and --learning-rate set the trainers' (Train LoRA, Continue Training) inputs.
 
 Exit codes: 0 done, 1 a node failed, 2 the workflow or a --set was refused, 3 no server, 130 cancelled.
 """
@@ -58,9 +59,9 @@ class Comfy:
         try:
             with urllib.request.urlopen(request, timeout=timeout) as r:
                 return r.read()
-        except urllib.error.HTTPError:
-            raise
         except (urllib.error.URLError, OSError) as e:
+            if isinstance(e, urllib.error.HTTPError):  # the server answered
+                raise
             raise NoServer(f"no ComfyUI server answers at {self.url} ({getattr(e, 'reason', e)}); {START_HINT}, "
                            "or point --server at yours") from e
 
@@ -93,8 +94,8 @@ def parse_value(text: str) -> object:
 
 
 def apply_settings(prompt: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
-    """Apply the shortcuts, then every --set (so a --set wins); returns the (node, input) pairs set."""
-    changed = []
+    """Apply the shortcuts, then every --set (so a --set wins); returns the (node, input) pairs a --set added."""
+    added = []
     for option, name in SHORTCUTS.items():
         value = getattr(args, option)
         if value is None:
@@ -111,16 +112,16 @@ def apply_settings(prompt: dict, args: argparse.Namespace) -> list[tuple[str, st
         if not (eq and dot and node and name):
             raise Refused(f"--set {item!r}: expected NODE.INPUT=VALUE, e.g. 9.steps=500")
         node_id = find_node(prompt, node)
-        prompt[node_id].setdefault("inputs", {})[name] = parse_value(value)
-        changed.append((node_id, name))
-    return changed
+        inputs = prompt[node_id].setdefault("inputs", {})
+        if name not in inputs:
+            added.append((node_id, name))
+        inputs[name] = parse_value(value)
+    return added
 
 
-def check_new_inputs(comfy: Comfy, prompt: dict, changed: list[tuple[str, str]], original: dict) -> None:
-    """An input a --set adds to a node must be one its class declares (ComfyUI would silently ignore it)."""
-    for node_id, name in changed:
-        if name in original.get(node_id, {}).get("inputs", {}):
-            continue
+def check_added_inputs(comfy: Comfy, prompt: dict, added: list[tuple[str, str]]) -> None:
+    """An input a --set adds must be one the node's class declares (ComfyUI would silently ignore it)."""
+    for node_id, name in added:
         cls = prompt[node_id]["class_type"]
         info = (comfy.json("GET", f"/object_info/{urllib.parse.quote(cls)}") or {}).get(cls)
         declared = [n for part in ("required", "optional") for n in (info or {}).get("input", {}).get(part, {})]
@@ -155,7 +156,8 @@ class Follower:
         self.bars: dict[str, tqdm] = {}
         self.saved: list[str] = []
         self.states: dict[str, str] = {}
-        self.presses = self.handled = 0
+        self.presses = self.handled = self.waiting = 0
+        self.started = False
         self.cancel_deadline: float | None = None
         self.end: tuple[str, dict] | None = None  # ("done" | "failed" | "cancelled", message data)
 
@@ -211,11 +213,18 @@ class Follower:
 
     def handle(self, message: dict) -> None:
         kind, data = message.get("type"), message.get("data") or {}
+        if kind == "status" and not self.started:  # queue length, for every client
+            waiting = ((data.get("status") or {}).get("exec_info") or {}).get("queue_remaining", 0)
+            if waiting > 1 and waiting != self.waiting:
+                self.say(f"{waiting} prompts in ComfyUI's queue; this one waits its turn")
+            self.waiting = waiting
+            return
         if kind in (STEP_EVENT, STATUS_EVENT):
             if data.get("prompt_id") not in (None, self.prompt_id):
                 return
         elif data.get("prompt_id") != self.prompt_id:
-            return  # another client's prompt, or "status" (queue length)
+            return  # another client's prompt
+        self.started = True
         node = str(data.get("node") or data.get("node_id") or "")
         if kind == STEP_EVENT:
             self.step(node, data)
@@ -249,8 +258,8 @@ class Follower:
     def status(self, node: str, data: dict) -> None:
         state, before = data.get("status"), self.states.get(node)
         self.states[node] = state
-        if state == "running":
-            self.bar(node, data.get("total") or 0)
+        if state == "running":  # a continued run starts at its first step
+            self.bar(node, data.get("total") or 0).n = data.get("step") or 0
         elif state in ("stopped", "finished", "cancelled", "failed") and node in self.bars:
             self.bars.pop(node).close()
         if state in ("stopped", "finished", "cancelled") and state != before and data.get("message"):
@@ -299,11 +308,10 @@ def submit_and_follow(args: argparse.Namespace, summary: dict, say) -> int:
         raise Refused(f"cannot read the workflow {args.workflow}: {e}") from e
     if not isinstance(prompt, dict) or "nodes" in prompt:
         raise Refused(f"{args.workflow} is not an API-format workflow (ComfyUI: Workflow > Export (API))")
-    original = json.loads(json.dumps(prompt))
-    changed = apply_settings(prompt, args)
+    added = apply_settings(prompt, args)
     comfy = Comfy(args.server)
     comfy.request("GET", "/system_stats")
-    check_new_inputs(comfy, prompt, changed, original)
+    check_added_inputs(comfy, prompt, added)
     client_id = str(uuid.uuid4())
     parts = urllib.parse.urlsplit(comfy.url)
     ws_url = f"{'wss' if parts.scheme == 'https' else 'ws'}://{parts.netloc}{parts.path}/ws?clientId={client_id}"
@@ -317,9 +325,11 @@ def submit_and_follow(args: argparse.Namespace, summary: dict, say) -> int:
         except urllib.error.HTTPError as e:
             body = e.read().decode(errors="replace")
             try:
-                raise Refused(refusal(json.loads(body), prompt)) from e
+                answer = json.loads(body)
             except ValueError:
-                raise Refused(f"ComfyUI refused the workflow (HTTP {e.code}): {body[:2000]}") from e
+                answer = None
+            raise Refused(refusal(answer, prompt) if isinstance(answer, dict) else
+                          f"ComfyUI refused the workflow (HTTP {e.code}): {body[:2000]}") from e
         summary["prompt_id"] = prompt_id = answer["prompt_id"]
         if answer.get("node_errors"):  # the valid outputs run, these do not
             say(refusal({"error": {"message": "some outputs will not run"}, **answer}, prompt))
