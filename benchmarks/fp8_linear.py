@@ -69,11 +69,10 @@ def main() -> None:
             paths = {"bf16": layer}
             for scaling in ("tensorwise", "rowwise"):
                 for accumulation in ("", "_fast_accumulation"):
-                    paths[f"fp8_{scaling}{accumulation}"] = fp8_matmul.Fp8BaseLinear(layer, torch.bfloat16)
+                    paths[f"fp8_{scaling}{accumulation}"] = fp8_matmul.Fp8BaseLinear(
+                        layer, torch.bfloat16, rowwise=scaling == "rowwise", fast=bool(accumulation))
             row = {}
             for path, module in paths.items():
-                fp8_matmul.SCALING = "row" if "rowwise" in path else "tensor"
-                fp8_matmul.FAST_ACCUMULATION = "fast" in path
                 for compiled in {"no": (False,), "too": (False, True), "only": (True,)}[a.compiled]:
                     run = torch.compile(module) if compiled else module
                     x = torch.randn(1, tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)

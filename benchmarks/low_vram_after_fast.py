@@ -43,14 +43,16 @@ def main() -> None:
     parser.add_argument("--python-launcher", action="store_true", help="Inductor's Python launcher, not its C++ wrapper")
     parser.add_argument("--cudnn-attention-in-swap", action="store_true",
                         help="let block-swap sessions use cuDNN attention (the crash's setting before the fix)")
+    parser.add_argument("--swap-on-compute-stream", action="store_true",
+                        help="block swap copies on the compute stream, without overlap (a diagnostic for races)")
     parser.add_argument("--card-gib", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=6)
     a = parser.parse_args()
     pack = train_step.import_comfyui_and_pack(cpu=False)
-    pack.core.blocks.CPP_WRAPPER_ON_GPU = not a.python_launcher
-    pack.core.blocks.CUDNN_ATTENTION_IN_SWAP = a.cudnn_attention_in_swap
+    speed = {"cpp_wrapper": not a.python_launcher, "swap_copy_stream": not a.swap_on_compute_stream}
+    if a.cudnn_attention_in_swap:
+        speed["attention_in_swap"] = "cudnn_first"
     patcher, _ = train_step.random_flux_dev(train_step.FLUX_DEV)
-    side_stream = not os.environ.get("DEV2PRO_SWAP_ON_COMPUTE_STREAM")
     for round_ in range(a.rounds):
         for index, (mode, resolution) in enumerate(a.sequence):
             print(f"start: round {round_} session {index} {mode} {resolution}", file=sys.stderr, flush=True)
@@ -62,13 +64,14 @@ def main() -> None:
                                           device="cuda")
             try:
                 row = train_step.timed(lambda: train_step.run_ours(
-                    pack, patcher, resolution, a.steps, 512, 16, compile="off" if mode.endswith("eager") else "auto"),
+                    pack, patcher, resolution, a.steps, 512, 16, speed=speed,
+                    compile="off" if mode.endswith("eager") else "auto"),
                     2, placeholder.numel() if placeholder is not None else 0)
                 torch.cuda.synchronize()
             finally:
                 del placeholder
             print(json.dumps({"round": round_, "session": index, "mode": mode, "resolution": resolution,
-                              "launcher": "python" if a.python_launcher else "c++", "swap_side_stream": side_stream,
+                              "launcher": "python" if a.python_launcher else "c++", "swap_side_stream": not a.swap_on_compute_stream,
                               "cudnn_attention_in_swap": a.cudnn_attention_in_swap,
                               **row}), flush=True)
     train_step.free_everything()

@@ -7,8 +7,8 @@ for ours on a full-width Flux (by default shallow: 4 double + 8 single blocks), 
 Per setting: the median seconds per step over steps 3-12 (not profiled), then a profile of the next two. Prints one
 JSON line with kernel time per step by category (GEMMs, attention, Inductor's fused kernels, optimizer, copies,
 the rest), the GPU's idle time per step and its longest idle gaps, then the top kernels by self GPU time.
-``--pin off`` turns off page-locked input copies (core.training.PIN_HOST_INPUTS); ``--budgets`` sets the compiler's
-activation memory budgets of the double and single blocks (core.blocks.RECOMPUTE_MEMORY_BUDGETS); ``--offload``
+``--pin off`` turns off page-locked input copies (SpeedPlan.pinned_inputs); ``--budgets`` sets the compiler's
+activation memory budgets of the double and single blocks (SpeedPlan.recompute_budgets); ``--offload``
 moves block inputs to host memory always, never, or by the trainer's rule. ``--profiled-steps 0`` only times.
 Needs a CUDA GPU and ComfyUI importable (COMFYUI_PATH).
 """
@@ -76,13 +76,13 @@ def main():
     parser.add_argument("--fp8", nargs="*", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--pin", nargs="*", default=["on"], choices=["off", "on"])
     parser.add_argument("--offload", nargs="*", default=["default"], choices=["default", "off", "on"],
-                        help="block inputs in host memory between forward and backward (core.blocks."
-                             "OFFLOAD_INPUTS_FROM_TOKENS): always, never, or the trainer's rule")
+                        help="block inputs in host memory between forward and backward (SpeedPlan."
+                             "offload_inputs_from_tokens): always, never, or the trainer's rule")
     parser.add_argument("--timed-steps", type=int, default=10)
     parser.add_argument("--profiled-steps", type=int, default=2, help="0: time and measure memory only")
     parser.add_argument("--budgets", nargs="*", default=["default"], metavar="DOUBLE:SINGLE",
                         help="activation memory budgets of the recomputed double and single blocks, e.g. 0.05:0.07 "
-                             "(core.blocks.RECOMPUTE_MEMORY_BUDGETS); default: the trainer's")
+                             "(SpeedPlan.recompute_budgets); default: the trainer's")
     parser.add_argument("--rows", type=int, default=60)
     parser.add_argument("--cpu-ops", type=int, default=0, help="also trace the CPU and print its top N ops by self time")
     a = parser.parse_args()
@@ -90,19 +90,17 @@ def main():
     patcher, _ = train_step.random_flux_dev(dict(train_step.FLUX_DEV, depth=a.depth[0], depth_single_blocks=a.depth[1]))
     profiled_steps = a.profiled_steps
     timed = a.timed_steps
-    blocks = pack.core.blocks
-    defaults = dict(blocks.RECOMPUTE_MEMORY_BUDGETS), blocks.OFFLOAD_INPUTS_FROM_TOKENS
     settings = [(r, f, p, o, b) for r in a.resolution for f in a.fp8 for p in a.pin for o in a.offload for b in a.budgets]
     for resolution, fp8, pin, offload, budgets in settings:
-        pack.core.training.PIN_HOST_INPUTS = pin == "on"
-        blocks.RECOMPUTE_MEMORY_BUDGETS.update(defaults[0])
-        blocks.OFFLOAD_INPUTS_FROM_TOKENS = {"default": defaults[1], "on": 0, "off": 2**62}[offload]
+        speed = {"pinned_inputs": pin == "on"}
+        if offload != "default":
+            speed["offload_inputs_from_tokens"] = 0 if offload == "on" else None
         if budgets != "default":
             double, single = (float(x) for x in budgets.split(":"))
-            for offloaded in (False, True):
-                blocks.RECOMPUTE_MEMORY_BUDGETS.update({("double", fp8 == "on", offloaded): double,
-                                                        ("single", fp8 == "on", offloaded): single})
-        budget = {f"{kind}{' offloaded' if off else ''}": v for (kind, off), v in blocks.recompute_budgets(fp8 == "on").items()}
+            speed["recompute_budgets"] = {(kind, offloaded): value for kind, value in (("double", double), ("single", single))
+                                          for offloaded in (False, True)}
+        plan = train_step.speed_plan(pack, speed, fp8_matmul=fp8)
+        budget = plan["recompute_budgets"]
         torch.cuda.reset_peak_memory_stats()
         state = {"steps": 0, "profiler": None}
         clock = train_step.StepClock()
@@ -121,8 +119,8 @@ def main():
 
         handle = register_optimizer_step_post_hook(after_step)
         with torch.inference_mode():
-            train_step.run_ours(pack, patcher, resolution, 2 + timed + profiled_steps + 1, 512, 16, compile="auto",
-                                fp8_matmul=fp8)
+            train_step.run_ours(pack, patcher, resolution, 2 + timed + profiled_steps + 1, 512, 16, speed=speed,
+                                compile="auto", fp8_matmul=fp8)
         handle.remove()
         train_step.free_everything()
         seconds = clock.seconds(warmup=2)[:timed]  # steps 3 to 2 + timed, before the profiler starts

@@ -49,10 +49,9 @@ def main():
     captures = train_step.record_captures(core.step_graphs)
 
     def train(dataset, graphs: bool, **kwargs):
-        core.step_graphs.STEP_GRAPHS_ON_GPU = graphs
         config = core.training.TrainConfig(steps=a.steps, learning_rate=1e-4, rank=16, alpha=16.0, seed=0)
         with torch.inference_mode():
-            return core.training.train_lora(patcher.clone(), dataset, config, **kwargs)
+            return core.training.train_lora(patcher.clone(), dataset, config, speed={"step_graphs": graphs}, **kwargs)
 
     def compare(name, eager, graphed_result, **extra):
         losses = [abs(x - y) / abs(y) for x, y in zip(graphed_result.losses, eager.losses)]

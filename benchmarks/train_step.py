@@ -3,8 +3,9 @@
 The model is Flux-dev at its real size (19 double + 38 single blocks, 11.9B parameters) built through ComfyUI's
 own classes with random weights, stored in fp8 e4m3fn with bf16 compute: the cost of a step equals the real
 model's. Batch 1, 512 text tokens (T5 width 4096), LoRA rank 16, AdamW, gradient checkpointing (both trainers'
-default). Both nodes are called as ComfyUI calls them (under inference mode) on the same model and the same latent
-and caption. Prints one JSON line per configuration:
+default). ComfyUI's node is called as ComfyUI calls it (under inference mode), ours through the trainer the node calls
+(core.training.train_lora, under inference mode, so that each row can pass its SpeedPlan overrides), on the same
+model and the same latent and caption. Prints one JSON line per configuration:
 
 - ``seconds_per_step_median``: median over the timed steps after warm-up. A step's time is the GPU-timeline gap
   between consecutive optimizer steps (CUDA events recorded by a global optimizer hook): no sync is added.
@@ -18,6 +19,7 @@ and caption. Prints one JSON line per configuration:
   (``--fp8-too``), without CUDA graphs of the step against with them (``--no-graphs-too``), low-VRAM against fast
   mode.
 - ``allocated_after_unload_gib``: GPU memory still allocated once the node returned and the model was unloaded.
+- ``speed_plan``: every speed decision of the row (core.speed_plan.SpeedPlan.describe()).
 - ``step_graphs_captured`` / ``step_graphs_failed``: sessions whose step was captured as CUDA graphs, or whose capture
   failed and ran eagerly (core.step_graphs).
 - low-VRAM rows emulate a card with ``--card-gib`` of free memory: the rest is taken by a placeholder tensor
@@ -25,7 +27,8 @@ and caption. Prints one JSON line per configuration:
   is subtracted from the peak.
 
     python benchmarks/train_step.py [--resolutions 512 1024] [--steps 10] [--warmup 3] [--low-vram 1024]
-                                    [--fp8-too] [--no-graphs-too] [--eager-too] [--python-wrapper-too] [--depth 19 38]
+                                    [--fp8-too] [--no-graphs-too] [--eager-too] [--python-wrapper-too] [--attention-too comfyui no_cudnn]
+                                    [--depth 19 38]
                                     [--comfyui-settings default|fastest|both] [--skip-ours]
 
 ComfyUI's TrainLoraNode is called with its own defaults (``default``) and with the fastest settings its inputs offer
@@ -230,18 +233,24 @@ def data(resolution: int, tokens: int, width: int):
     return latent, context, pooled
 
 
-def run_ours(pack, patcher, resolution, steps, tokens, rank, images=1, **settings):
-    """Dev2ProTrainLoRA on ``images`` copies of one latent and caption (each drawn with its own noise)."""
+def run_ours(pack, patcher, resolution, steps, tokens, rank, images=1, speed=None, **settings):
+    """Ours on ``images`` copies of one latent and caption (each drawn with its own noise): core.training.train_lora
+    as Dev2ProTrainLoRA calls it (under inference mode, the training guidance 1.0 that Training Guidance sets), with
+    the node's defaults, ``settings`` and the SpeedPlan overrides ``speed``. Returns the losses."""
     core = pack.core
     latent, context, pooled = data(resolution, tokens, patcher.model.diffusion_model.params.context_in_dim)
     dataset = core.dataset.TrainingDataset.from_batches(latent.repeat(images, 1, 1, 1), [(context[0], pooled[0])])
     model = patcher.clone()
-    model.model_options[core.config.GUIDANCE_OPTION] = 1.0
-    advanced = {k: settings.pop(k) for k in ("compile", "fp8_matmul") if k in settings}  # blocks_to_swap is the node's
-    out = call_v3(pack.nodes.train_nodes.Dev2ProTrainLoRA, {"UNIQUE_ID": "bench"}, model=model, dataset=dataset,
-                  steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank), seed=0, gradient_checkpointing=True,
-                  advanced=advanced or None, **settings)
-    return list(out.args[3].losses)
+    config = core.config.TrainConfig(steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank), seed=0,
+                                     guidance=1.0, gradient_checkpointing=True, **settings)
+    with torch.inference_mode():
+        return list(core.training.train_lora(model, dataset, config, speed=speed).losses)
+
+
+def speed_plan(pack, speed=None, **settings) -> dict:
+    """The SpeedPlan a row of ours ran with, as train_lora builds it."""
+    config = pack.core.config.TrainConfig(**settings)
+    return pack.core.speed_plan.plan(config, torch.device("cuda" if CUDA else "cpu"), **(speed or {})).describe()
 
 
 def comfyui_settings(kind: str, steps: int, rank: int) -> dict:
@@ -299,6 +308,8 @@ def main() -> None:
     parser.add_argument("--python-wrapper-too", action="store_true",
                         help="also run ours with Inductor's Python kernel launcher instead of its C++ wrapper")
     parser.add_argument("--fp8-scaling", default="tensor", choices=["tensor", "row"], help="fp8_matmul's activation scaling")
+    parser.add_argument("--attention-too", nargs="*", default=[], choices=["comfyui", "no_cudnn"],
+                        help="also run ours with these attention choices (core.speed_plan.ATTENTION_CHOICES)")
     parser.add_argument("--checkpoint-outside-too", action="store_true",
                         help="also run ours with torch.utils.checkpoint around the compiled block instead of the compiler recomputing")
     parser.add_argument("--skip-comfyui", action="store_true")
@@ -316,7 +327,7 @@ def main() -> None:
     if a.smoke:
         a.resolutions, a.low_vram, a.steps, a.warmup, a.tokens = [64], [], 2, 1, 8
     pack = import_comfyui_and_pack(cpu=a.smoke)
-    pack.core.fp8_matmul.SCALING = a.fp8_scaling
+    fp8_speed = {"fp8_rowwise": a.fp8_scaling == "row"}
     import comfy.model_patcher
     comfyui_kinds = {"default": ["default"], "fastest": ["fastest"], "both": ["default", "fastest"]}[
         a.comfyui_settings or ("both" if comfyui_has_speed_inputs() else "default")]
@@ -325,7 +336,7 @@ def main() -> None:
     common = {"benchmark": "train_step", "comfyui_version": comfyui_version(), "gpu": torch.cuda.get_device_name() if CUDA else "cpu (smoke)", "torch": torch.__version__,
               "parameters": params, "date": datetime.date.today().isoformat(), "rank": a.rank, "batch": 1,
               "text_tokens": a.tokens, "base_dtype": "float8_e4m3fn", "compute_dtype": "bfloat16",
-              "gradient_checkpointing": True, "fp8_scaling": a.fp8_scaling}
+              "gradient_checkpointing": True}
     steps = a.warmup + a.steps
 
     def emit(row):
@@ -345,47 +356,50 @@ def main() -> None:
         placeholder = torch.empty(max(0, torch.cuda.mem_get_info()[0] - int(a.card_gib * GIB)), dtype=torch.uint8,
                                   device="cuda")
         try:
-            row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, compile=a.low_vram_compile,
-                                         fp8_matmul=fp8_low_vram), a.warmup, placeholder.numel())
+            row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, speed=fp8_speed,
+                                         compile=a.low_vram_compile, fp8_matmul=fp8_low_vram), a.warmup, placeholder.numel())
         finally:
             del placeholder
             free_everything()
         rows.append({"trainer": "Dev2ProTrainLoRA fp8" if a.low_vram_fp8 else "Dev2ProTrainLoRA", "resolution": resolution,
                      "mode": "low_vram", "emulated_card_gib": a.card_gib, "compile": a.low_vram_compile,
-                     "fp8_matmul": fp8_low_vram, **row})
+                     "fp8_matmul": fp8_low_vram, **row,
+                     "speed_plan": speed_plan(pack, fp8_speed, compile=a.low_vram_compile, fp8_matmul=fp8_low_vram)})
         progress(rows[-1])
 
     for resolution in a.resolutions:
-        variants = [("Dev2ProTrainLoRA", {"compile": "auto"})]
+        # (name, settings, SpeedPlan overrides)
+        variants = [("Dev2ProTrainLoRA", {"compile": "auto"}, {})]
         if a.fp8_too:
-            variants.append(("Dev2ProTrainLoRA fp8", {"compile": "auto", "fp8_matmul": "on"}))
+            variants.append(("Dev2ProTrainLoRA fp8", {"compile": "auto", "fp8_matmul": "on"}, {}))
         if a.no_graphs_too:
-            variants += [(f"{name} no step graphs", dict(settings)) for name, settings in variants]
+            variants += [(f"{name} no step graphs", dict(settings), {"step_graphs": False})
+                         for name, settings, _ in variants]
         if a.eager_too:
-            variants.append(("Dev2ProTrainLoRA eager", {"compile": "off"}))
+            variants.append(("Dev2ProTrainLoRA eager", {"compile": "off"}, {}))
         if a.python_wrapper_too:
-            variants.append(("Dev2ProTrainLoRA python wrapper", {"compile": "auto"}))
+            variants.append(("Dev2ProTrainLoRA python wrapper", {"compile": "auto"}, {"cpp_wrapper": False}))
         if a.checkpoint_outside_too:
-            variants.append(("Dev2ProTrainLoRA checkpoint outside compile", {"compile": "auto"}))
+            variants.append(("Dev2ProTrainLoRA checkpoint outside compile", {"compile": "auto"},
+                             {"recompute_in_compiled_backward": False}))
+        variants += [(f"Dev2ProTrainLoRA attention {choice}", {"compile": "auto"}, {"attention": choice})
+                     for choice in a.attention_too]
         if a.skip_plain:
             variants = variants[1:]
         if a.skip_ours:
             variants = []
-        for name, settings in variants:
-            pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = "outside" not in name
-            pack.core.blocks.CPP_WRAPPER_ON_GPU = "python wrapper" not in name
-            pack.core.step_graphs.STEP_GRAPHS_ON_GPU = "no step graphs" not in name
+        for name, settings, speed in variants:
+            speed = {**fp8_speed, **speed}
             captured.clear()
-            row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, **settings), a.warmup)
+            row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, speed=speed, **settings),
+                        a.warmup)
             rows.append({"trainer": name, "resolution": resolution, "mode": "fast", **settings, **row,
-                         "step_graphs_captured": captured.count(True), "step_graphs_failed": captured.count(False)})
+                         "step_graphs_captured": captured.count(True), "step_graphs_failed": captured.count(False),
+                         "speed_plan": speed_plan(pack, speed, **settings)})
             progress(rows[-1])
             free_everything()
             # with the model unloaded: what the session left on the GPU (the step graphs' memory must be gone)
             rows[-1]["allocated_after_unload_gib"] = round(torch.cuda.memory_allocated() / GIB, 3) if CUDA else 0.0
-        pack.core.blocks.RECOMPUTE_IN_COMPILED_BACKWARD = True
-        pack.core.blocks.CPP_WRAPPER_ON_GPU = True
-        pack.core.step_graphs.STEP_GRAPHS_ON_GPU = True
         for kind in [] if a.skip_comfyui else comfyui_kinds:
             settings = comfyui_settings(kind, steps, a.rank)
             row = timed(lambda: run_comfyui(patcher, resolution, a.tokens, settings), a.warmup)

@@ -13,7 +13,6 @@ the block was released.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -31,13 +30,13 @@ def _weights(block: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 class BlockSwap:
-    def __init__(self, blocks: list[torch.nn.Module], whole: list[int], device: torch.device):
+    def __init__(self, blocks: list[torch.nn.Module], whole: list[int], device: torch.device, copy_stream: bool = True):
         """Streams every base weight of the blocks in ``whole``, and in the other blocks those that ComfyUI left
-        off the GPU (a partial, low-VRAM load); weights ComfyUI loaded onto the GPU elsewhere stay there."""
+        off the GPU (a partial, low-VRAM load); weights ComfyUI loaded onto the GPU elsewhere stay there. Without
+        ``copy_stream`` the copies go on the compute stream (no overlap): a diagnostic for races."""
         self.device = device
         self.cuda = device.type == "cuda"
-        # DEV2PRO_SWAP_ON_COMPUTE_STREAM=1 copies on the compute stream (no overlap): a diagnostic for races
-        self.stream = torch.cuda.Stream(device) if self.cuda and not os.environ.get("DEV2PRO_SWAP_ON_COMPUTE_STREAM") else None
+        self.stream = torch.cuda.Stream(device) if self.cuda and copy_stream else None
         self.params: dict[int, list[torch.nn.Parameter]] = {}
         self.home: dict[int, list[torch.Tensor]] = {}  # pinned CPU copies, one per parameter
         self.restore_to: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = []  # (param, original CPU tensor or None)
@@ -111,7 +110,7 @@ class BlockSwap:
 
 
 @contextlib.contextmanager
-def block_swap(model: torch.nn.Module, first_blocks: int, device: torch.device):
+def block_swap(model: torch.nn.Module, first_blocks: int, device: torch.device, copy_stream: bool = True):
     """Stream the first ``first_blocks`` blocks (execution order: double, then single) and every block weight
     ComfyUI left on the CPU; yields the BlockSwap, or None when there is nothing to stream. Restores on exit."""
     blocks = list(model.double_blocks) + list(model.single_blocks)
@@ -122,7 +121,7 @@ def block_swap(model: torch.nn.Module, first_blocks: int, device: torch.device):
     if first_blocks == 0 and not off_device:
         yield None
         return
-    swap = BlockSwap(blocks, list(range(first_blocks)), device)
+    swap = BlockSwap(blocks, list(range(first_blocks)), device, copy_stream)
     try:
         yield swap
     finally:

@@ -39,13 +39,6 @@ def unsupported_reason(device: torch.device) -> str | None:
     return None
 
 
-# How the input is scaled: "tensor" (one scale) or "row" (one per token). The benchmarks flip it to compare.
-SCALING = "tensor"
-# Hopper's fast fp8 accumulation, as torchao's float8 forward uses it: 3-13% faster matmuls at Flux's shapes on an
-# H100 (benchmarks/fp8_gemm.py). The benchmarks flip it to compare.
-FAST_ACCUMULATION = True
-
-
 def _quantize(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3fn [M, K], fp32 scale [M, 1] or []) with x ~= q * scale; the maximum maps to 448."""
     amax = (x.abs().amax(dim=1, keepdim=True) if rowwise else x.abs().amax()).float()
@@ -89,12 +82,16 @@ class Fp8BaseLinear(torch.nn.Module):
     """Stands in for a frozen ComfyUI fp8 Linear inside a LoRA layer for one training session.
 
     Falls back to the Linear itself whenever its weight is not a resident e4m3fn tensor on the input's device
-    (a partial low-VRAM load that casts on the fly, or ComfyUI weight patches applied at run time)."""
+    (a partial low-VRAM load that casts on the fly, or ComfyUI weight patches applied at run time). ``rowwise``:
+    one input scale per row (token) instead of one per tensor; ``fast``: Hopper's fast fp8 accumulation (both
+    chosen by core.speed_plan)."""
 
-    def __init__(self, linear: torch.nn.Module, compute_dtype: torch.dtype):
+    def __init__(self, linear: torch.nn.Module, compute_dtype: torch.dtype, rowwise: bool = False, fast: bool = True):
         super().__init__()
         self.linear = linear
         self.compute_dtype = compute_dtype
+        self.rowwise = rowwise
+        self.fast = fast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         linear = self.linear
@@ -106,8 +103,7 @@ class Fp8BaseLinear(torch.nn.Module):
         if scale is None:
             scale = torch.ones((), device=x.device)
         rows = x.reshape(-1, x.shape[-1])
-        out = _Fp8Matmul.apply(rows, weight, scale.to(x.device), self.compute_dtype, SCALING == "row",
-                                 FAST_ACCUMULATION)
+        out = _Fp8Matmul.apply(rows, weight, scale.to(x.device), self.compute_dtype, self.rowwise, self.fast)
         out = out.reshape(*x.shape[:-1], weight.shape[0])
         if linear.bias is not None:
             out = out + linear.bias.to(out.dtype)
@@ -120,9 +116,9 @@ def fits(linear: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def fp8_base_matmuls(layers: dict, compute_dtype: torch.dtype):
+def fp8_base_matmuls(layers: dict, compute_dtype: torch.dtype, rowwise: bool = False, fast: bool = True):
     """Route the base Linear of each LoRA layer in ``layers`` ({name: peft LoraLayer}) through fp8 matmuls for
-    the ``with`` body. Raises Fp8Unavailable when the base is not fp8."""
+    the ``with`` body (``rowwise``, ``fast``: see Fp8BaseLinear). Raises Fp8Unavailable when the base is not fp8."""
     routed = {}
     for name, layer in layers.items():
         base = layer.base_layer
@@ -135,7 +131,7 @@ def fp8_base_matmuls(layers: dict, compute_dtype: torch.dtype):
                          "fp8_matmul to off, or load the model in fp8")
     try:
         for name, base in routed.items():
-            layers[name].base_layer = Fp8BaseLinear(base, compute_dtype)
+            layers[name].base_layer = Fp8BaseLinear(base, compute_dtype, rowwise, fast)
         yield
     finally:
         for name, base in routed.items():

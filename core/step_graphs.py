@@ -30,8 +30,9 @@ Gradients = Callable[[StepInputs], torch.Tensor]  # queues forward and backward;
 
 
 class EagerSteps:
-    """A step launched kernel by kernel. With ``skip_non_finite`` the optimizer (fused AdamW) skips the update on
-    the device when the loss or gradient norm is not finite, so that no host sync is needed to keep it out."""
+    """A step launched kernel by kernel. An update is skipped when the step's loss or gradient norm is not finite:
+    with ``skip_non_finite`` by the optimizer (fused AdamW) on the device, so that no host sync is needed to keep it
+    out; otherwise after reading them here."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, gradients: Gradients, skip_non_finite: bool):
         self.optimizer = optimizer
@@ -44,6 +45,9 @@ class EagerSteps:
 
     def update(self, learning_rate: float, stats: torch.Tensor) -> None:
         """Queue the optimizer update from the gradients of the last ``gradients`` call."""
+        if not self.skip_non_finite and not bool(torch.isfinite(stats).all()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         self._step(stats, self.optimizer.step)
@@ -58,20 +62,15 @@ class EagerSteps:
         pass
 
 
-# Whether GPU sessions replay their steps from CUDA graphs, where they can (see training._graphed). Benchmarks flip
-# this.
-STEP_GRAPHS_ON_GPU = True
-WARMUP_STEPS = 2  # eager steps of a session before capture: the blocks compile in the first
-
-
 class GraphedSteps(EagerSteps):
-    """Eager for the session's first ``WARMUP_STEPS`` steps, then captured and replayed. Any failure to capture
-    (an op the graph cannot hold, a recompile) logs why and leaves the session eager."""
+    """Eager for the session's first ``warmup`` steps (SpeedPlan.step_graph_warmup), then captured and replayed. Any
+    failure to capture (an op the graph cannot hold, a recompile) logs why and leaves the session eager."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, gradients: Gradients, skip_non_finite: bool,
-                 device: torch.device):
+                 device: torch.device, warmup: int):
         super().__init__(optimizer, gradients, skip_non_finite)
         self.device = device
+        self.warmup = warmup
         self.eager_steps = 0
         self.failed = False
         self._replayed = False  # whether the current step runs from the graphs
@@ -97,7 +96,7 @@ class GraphedSteps(EagerSteps):
         return self.stats
 
     def _replays(self, inputs: StepInputs) -> bool:
-        if self.failed or (not self.replaying and self.eager_steps < WARMUP_STEPS):
+        if self.failed or (not self.replaying and self.eager_steps < self.warmup):
             return False
         if not self.replaying:
             return self._capture(inputs)

@@ -10,6 +10,7 @@ from its own generator, so a run continued from a saved state is bit-identical t
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import comfy.model_management
 
 from .block_swap import block_swap
 from .comfy_compat import first_quantized_weight, non_dynamic, training_mode
-from . import blocks, distributed, step_graphs
+from . import distributed, speed_plan, step_graphs
 from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, InputError, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
@@ -31,6 +32,9 @@ from .lora_format import LoRAWeights
 from .lora_layers import adapter_parameters, extract_weights, flat_parameters, lora_injected
 from .optimizers import make_optimizer
 from .schedules import lr_multiplier, sample_timesteps
+from .speed_plan import SpeedPlan
+
+log = logging.getLogger("dev2pro-lora")
 
 
 @dataclass
@@ -185,20 +189,12 @@ def _stacked(tensors: list[torch.Tensor], pin: bool) -> torch.Tensor:
     return torch.stack(tensors, out=out)
 
 
-# A copy to a GPU from pageable host memory first waits for all work queued on the stream, so the six small input
-# copies at the start of every step drained the GPU's queue: the CPU lost its lead each step and the GPU then idled
-# while the next step's first blocks were launched. From page-locked memory the copies queue like kernels.
-# Benchmarks flip this.
-PIN_HOST_INPUTS = True
-
-
-def _pinned_copies(device: torch.device) -> bool:
-    return device.type == "cuda" and PIN_HOST_INPUTS
-
-
-def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``t`` on ``device`` without a host sync: through page-locked memory to a GPU; the cast happens there."""
-    if _pinned_copies(device):
+def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None, pinned: bool = False) -> torch.Tensor:
+    """``t`` on ``device``; with ``pinned`` (SpeedPlan.pinned_inputs) through page-locked memory, without a host sync,
+    the cast happening there. (From pageable memory a copy first waits for all work queued on the stream: the six
+    small input copies of every step drained the GPU's queue, so the CPU lost its lead each step and the GPU then
+    idled while the next step's first blocks were launched.)"""
+    if pinned:
         t = (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
     else:
         t = t.to(device)
@@ -272,7 +268,8 @@ def check_resumable(config: TrainConfig, resume: TrainingState) -> None:
 
 def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_step: StepCallback | None = None, *,
                resume: TrainingState | None = None, stop_at: int = 0, should_stop: Callable[[], bool] | None = None,
-               preview_every: int = 0, on_preview: PreviewCallback | None = None) -> TrainResult:
+               preview_every: int = 0, on_preview: PreviewCallback | None = None,
+               speed: dict | None = None) -> TrainResult:
     """Train a LoRA on the Flux transformer of ``model_patcher`` and return its weights and training state.
 
     Runs from step 0, or from ``resume``, to ``config.steps`` (or to ``stop_at`` when that is earlier).
@@ -281,12 +278,14 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
     sessions: the adapter is out of the model then, so ComfyUI may swap models freely for sampling.
     The patcher's modules are restored after every session, also when a callback raises, so the MODEL that
     other nodes share samples exactly as before. A NaN or infinite loss or gradient raises NonFiniteLoss
-    carrying the adapter from before that step.
+    carrying the adapter from before that step. ``speed`` overrides single decisions of the run's SpeedPlan
+    (core.speed_plan; benchmarks and tests).
     """
     config.validate()
     model_patcher = trainable_patcher(model_patcher)
     check_compatible(model_patcher.model, dataset)
-    if config.fp8_matmul == "on" and (reason := unsupported_reason(model_patcher.load_device)):
+    plan = speed_plan.plan(config, model_patcher.load_device, **(speed or {}))
+    if plan.fp8_matmul and (reason := unsupported_reason(model_patcher.load_device)):
         raise Fp8Unavailable(f"{reason}. Set fp8_matmul to off in the advanced settings")
     if resume is not None:
         check_resumable(config, resume)
@@ -297,12 +296,13 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
                              "Dev2ProDataset (it encodes one), or set caption_dropout to 0")
     run = _Run(config, resume)
     end = min(config.steps, stop_at) if stop_at > 0 else config.steps
-    plan = BatchPlan(dataset, config.batch_size, config.seed)
+    batches = BatchPlan(dataset, config.batch_size, config.seed)
     previewing = on_preview is not None and preview_every > 0
     stopped = False
+    log.info("training %s: %s", "from step %d" % run.step if run.step else "from the start", plan.summary())
     while run.step < end and not stopped:
         until = min(end, (run.step // preview_every + 1) * preview_every) if previewing else end
-        stopped = _train_session(model_patcher, dataset, run, plan, until, on_step, should_stop)
+        stopped = _train_session(model_patcher, dataset, run, batches, plan, until, on_step, should_stop)
         if previewing and (run.step % preview_every == 0 or run.step == end):
             on_preview(run.step, run.weights())
             # with ranks, a stop is decided at a step, for all of them at once
@@ -334,8 +334,8 @@ class _Launched:
     step: int
     learning_rate: float
     indices: list[int]
-    stats: torch.Tensor  # [loss, gradient norm], on the CPU once ``done``
-    done: object  # a CUDA event, or None on the CPU
+    stats: torch.Tensor  # [loss, gradient norm, and with ranks the step's flags], on the CPU once ``done``
+    done: object  # a CUDA event, or None when ``stats`` was read at once
 
 
 def _deferred_check(optimizer: torch.optim.Optimizer) -> bool:
@@ -344,14 +344,83 @@ def _deferred_check(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
-def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: BatchPlan, until: int,
-                   on_step: StepCallback | None, should_stop) -> bool:
+class _Commits:
+    """Steps are committed (counted in the run, reported, asked whether to stop) once their numbers are read.
+
+    ``deferred``: a step's numbers are read one step late, after the next step's forward and backward are queued, so
+    reading them never waits for the GPU; a stop asked for after step k then drops step k+1's gradients before its
+    update, and the run ends exactly at step k. Otherwise each step is read right after its update (which skips a
+    non-finite step, core.step_graphs)."""
+
+    def __init__(self, run: _Run, deferred: bool, device: torch.device, ranks: distributed.Ranks | None,
+                 on_step: StepCallback | None, should_stop):
+        self.run, self.deferred, self.device, self.ranks = run, deferred, device, ranks
+        self.on_step, self.should_stop = on_step, should_stop
+        self.pending: _Launched | None = None
+        self.own_failure: BaseException | None = None  # this rank's error in the step, raised once all ranks know
+        self.clock = time.perf_counter()
+
+    def earlier(self) -> bool:
+        """Commit the step still pending; returns whether to stop (the current step's gradients are then dropped)."""
+        pending, self.pending = self.pending, None
+        if pending is not None and self._commit(pending):
+            self.run.optimizer.zero_grad(set_to_none=True)
+            return True
+        return False
+
+    def launched(self, step: int, learning_rate: float, indices: list[int], stats: torch.Tensor) -> bool:
+        """Step ``step``'s update is queued: commit it now, or (deferred) when the next step is queued. Returns
+        whether to stop."""
+        if not self.deferred:
+            return self._commit(_Launched(step, learning_rate, indices, stats.cpu(), None))
+        done = torch.cuda.Event() if self.device.type == "cuda" else None
+        self.pending = _Launched(step, learning_rate, indices, stats.to("cpu", non_blocking=done is not None), done)
+        if done is not None:
+            done.record()
+        return False
+
+    def settle(self) -> None:
+        """After a Cancel or a failed collective: keep the last step whose update was queued, drop the one in flight."""
+        self.run.optimizer.zero_grad(set_to_none=True)
+        pending, self.pending = self.pending, None
+        if pending is not None and pending.step > self.run.step:
+            self._commit(pending)
+
+    def _commit(self, launched: _Launched) -> bool:
+        """Account for a finished step (raise NonFiniteLoss or PeerFailed if it went bad); returns whether to stop."""
+        run, ranks = self.run, self.ranks
+        if launched.done is not None:
+            if ranks is None:
+                launched.done.synchronize()
+            else:  # polled, so that a SIGTERM from torchrun is handled while the GPU works
+                while not launched.done.query():
+                    time.sleep(1e-4)
+        loss_value, norm_value, *step_flags = launched.stats.tolist()
+        if ranks is not None and any(step_flags[1:]):
+            run.optimizer.zero_grad(set_to_none=True)
+            raise _peer_failed(ranks, launched.step, step_flags[1:], self.own_failure, run.result())
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            run.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not math.isfinite(loss_value) else "gradient"
+            raise NonFiniteLoss(launched.step, what, run.result())  # the adapter from before that step
+        run.step = launched.step
+        run.losses.append(loss_value)
+        now = time.perf_counter()
+        if self.on_step is not None:
+            self.on_step(StepInfo(launched.step, run.config.steps, loss_value, launched.learning_rate,
+                                  now - self.clock, launched.indices))
+        self.clock = now
+        if ranks is not None:
+            return step_flags[0] > 0  # every rank stops after the same step
+        return self.should_stop is not None and bool(self.should_stop())
+
+
+def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, batches: BatchPlan, plan: SpeedPlan,
+                   until: int, on_step: StepCallback | None, should_stop) -> bool:
     """Train with the adapter in the model until step ``until``; returns whether ``should_stop`` asked to stop.
 
-    No host sync inside a step: the loss and gradient norm of step k are read during step k+1, after its forward
-    and backward are queued. A step's callback therefore comes one step late, and ``should_stop`` answered
-    after step k discards step k+1's gradients, so the run ends exactly at step k. That is also what lets a GPU
-    session replay its steps from CUDA graphs once the first two have run (core.step_graphs).
+    No host sync inside a step on a GPU: step k is committed during step k+1 (_Commits), so its callback comes one
+    step late. That is also what lets a GPU session replay its steps from CUDA graphs (core.step_graphs).
     """
     config = run.config
     comfy.model_management.load_models_gpu([model_patcher], memory_required=activation_bytes(config, dataset))
@@ -366,123 +435,53 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
     autocast = torch.autocast(device.type, dtype=compute_dtype, cache_enabled=False,
                               enabled=device.type == "cuda" and compute_dtype != torch.float32)
     transformer_options = dict(model_patcher.model_options.get("transformer_options", {}))
-    compiled = config.compiled_on(device.type)
 
     with torch.inference_mode(False), frozen_base(transformer), \
             lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter,
                           device=device) as layers, \
-            (fp8_base_matmuls(layers, compute_dtype) if config.fp8_matmul == "on" else contextlib.nullcontext()), \
-            block_swap(transformer, config.blocks_to_swap, device) as swap, \
-            compiler_settings(device.type), training_mode():
-        runner = BlockRunner(transformer, config.gradient_checkpointing, compiled, swap,
-                             blocks.recompute_budgets(config.fp8_matmul == "on"))
+            (fp8_base_matmuls(layers, compute_dtype, plan.fp8_rowwise, plan.fp8_fast_accumulation) if plan.fp8_matmul
+             else contextlib.nullcontext()), \
+            block_swap(transformer, plan.blocks_to_swap, device, plan.swap_copy_stream) as swap, \
+            compiler_settings(plan), training_mode():
+        runner = BlockRunner(transformer, plan, swap)
         transformer_options["patches_replace"] = {"dit": runner.replacements()}
-        if device.type == "cuda":
-            transformer_options.setdefault("optimized_attention_override", blocks.session_attention(swap))
+        if (attention := runner.attention_override()) is not None:
+            transformer_options.setdefault("optimized_attention_override", attention)
         if run.adapter is None:
             run.attach(layers, device)
-        params = flat_parameters(run.adapter)
-        deferred = _deferred_check(run.optimizer)
-        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-
         ranks = distributed.current()
-        flags = ranks.flags(device) if ranks is not None else None  # read by the step's all-reduce (and its CUDA graph)
-        own_failure: list[BaseException | None] = [None]
-
-        def gradients(inputs) -> torch.Tensor:
-            """[loss, gradient norm], and with ranks [.., stop, failed per rank], summed over the ranks."""
-            if ranks is None:
-                loss = _forward_backward(transformer, transformer_options, autocast, config, inputs, device)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                return torch.stack([loss, grad_norm.to(loss)])
-            try:
-                loss = _forward_backward(transformer, transformer_options, autocast, config, inputs, device)
-            except Exception as e:  # noqa: BLE001  the other ranks hear of it through the all-reduce, then it is raised
-                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                    raise  # GraphedSteps goes on eagerly
-                own_failure[0] = e
-                run.optimizer.zero_grad(set_to_none=True)
-                loss = torch.zeros((), device=device)
-                flags[1 + ranks.rank] = 1.0
-            reduced = ranks.reduce_step(params, loss, flags)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            # a step in which a rank failed is skipped as a NaN step is (fused AdamW's found_inf)
-            grad_norm = torch.where(reduced[2:].sum() > 0, math.inf, grad_norm.to(reduced))
-            return torch.cat([reduced[:1], grad_norm.reshape(1), reduced[1:]])
-
-        if _graphed(device, runner, deferred, ranks):
-            steps = step_graphs.GraphedSteps(run.optimizer, gradients, deferred, device)
+        deferred = _deferred_check(run.optimizer)
+        commits = _Commits(run, deferred, device, ranks, on_step, should_stop)
+        gradients, flags = _gradients_function(transformer, transformer_options, autocast, config, run, device,
+                                               ranks, commits)
+        if _graphed(plan, runner, deferred, ranks):
+            steps = step_graphs.GraphedSteps(run.optimizer, gradients, deferred, device, plan.step_graph_warmup)
         else:
             steps = step_graphs.EagerSteps(run.optimizer, gradients, deferred)
-        pending: _Launched | None = None
-        clock = [time.perf_counter()]
-
-        def commit(launched: _Launched) -> bool:
-            """Account for a finished step (raise NonFiniteLoss or PeerFailed if it went bad); returns whether to
-            stop."""
-            if launched.done is not None:
-                if ranks is None:
-                    launched.done.synchronize()
-                else:  # polled, so that a SIGTERM from torchrun is handled while the GPU works
-                    while not launched.done.query():
-                        time.sleep(1e-4)
-            loss_value, norm_value, *step_flags = launched.stats.tolist()
-            if ranks is not None and any(step_flags[1:]):
-                run.optimizer.zero_grad(set_to_none=True)
-                raise _peer_failed(ranks, launched.step, step_flags[1:], own_failure[0], run.result())
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                run.optimizer.zero_grad(set_to_none=True)
-                what = "loss" if not math.isfinite(loss_value) else "gradient"
-                raise NonFiniteLoss(launched.step, what, run.result())  # the adapter from before that step
-            run.step = launched.step
-            run.losses.append(loss_value)
-            now = time.perf_counter()
-            if on_step is not None:
-                on_step(StepInfo(launched.step, config.steps, loss_value, launched.learning_rate, now - clock[0],
-                                 launched.indices))
-            clock[0] = now
-            if ranks is not None:
-                return step_flags[0] > 0  # every rank stops after the same step
-            return should_stop is not None and bool(should_stop())
 
         step = run.step
         try:
             while step < until:
                 step += 1
                 lr = config.learning_rate * lr_multiplier(config, step)
-                inputs, first_indices = _step_inputs(run, dataset, plan, step, base, device, compute_dtype, ranks)
-                if flags is not None:
+                batch, indices = _step_inputs(run, dataset, batches, step, base, device, compute_dtype, ranks,
+                                              plan.pinned_inputs)
+                if flags is not None:  # read by the step's all-reduce (and its CUDA graph)
                     flags.zero_()
-                    if should_stop is not None and should_stop():
-                        flags[0] = 1.0
-                stats = steps.gradients(inputs)
-                if deferred:
-                    if pending is not None and commit(pending):
-                        run.optimizer.zero_grad(set_to_none=True)  # this step's gradients: stopping keeps step k
-                        return True
-                else:
-                    launched = _Launched(step, lr, first_indices, stats.cpu(), None)
-                    if not launched.stats.isfinite().all():
-                        commit(launched)  # raises before the update
-                steps.update(lr, stats)
-                if deferred:
-                    done = torch.cuda.Event() if device.type == "cuda" else None
-                    pending = _Launched(step, lr, first_indices, stats.to("cpu", non_blocking=device.type == "cuda"),
-                                        done)
-                    if done is not None:
-                        done.record()
-                elif commit(launched):
+                    flags[0] = float(should_stop is not None and bool(should_stop()))
+                stats = steps.gradients(batch)  # forward and backward, queued
+                if commits.earlier():  # the step before (deferred), read while this one's work runs
                     return True
-            if pending is not None:
-                return commit(pending)
+                steps.update(lr, stats)  # skipped, on the device or here, when the step is not finite
+                if commits.launched(step, lr, indices, stats):
+                    return True
+            return commits.earlier()
         except (comfy.model_management.InterruptProcessingException, distributed.CollectiveFailed) as e:
             # The step in flight is dropped and the last completed one kept, as when a stop is seen between steps.
             # - Cancel raised inside an op (ComfyUI 0.33+ checks it in every op's forward; a BaseException from 0.33
             #   on). ComfyUI cleared its flag when it raised; it is set again so that the node sees the Cancel.
             # - a rank left the job (gloo), and this rank's all-reduce failed.
-            run.optimizer.zero_grad(set_to_none=True)
-            if pending is not None and pending.step > run.step:
-                commit(pending)
+            commits.settle()
             if isinstance(e, distributed.CollectiveFailed):
                 raise distributed.PeerFailed(f"training stopped after step {run.step}: {e}", run.step + 1,
                                              run.result()) from e
@@ -490,7 +489,37 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, plan: Bat
             return True
         finally:
             steps.close()
-    return False
+
+
+def _gradients_function(transformer, transformer_options: dict, autocast, config: TrainConfig, run: _Run,
+                        device: torch.device, ranks: distributed.Ranks | None, commits: _Commits):
+    """The step's forward and backward as one function of its inputs, returning [loss, gradient norm] (with ranks
+    [.., stop, failed per rank], summed over the ranks) on the device; and the ranks' flags tensor, or None."""
+    params = flat_parameters(run.adapter)
+    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+    flags = ranks.flags(device) if ranks is not None else None
+
+    def gradients(inputs) -> torch.Tensor:
+        if ranks is None:
+            loss = _forward_backward(transformer, transformer_options, autocast, config, inputs, device)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return torch.stack([loss, grad_norm.to(loss)])
+        try:
+            loss = _forward_backward(transformer, transformer_options, autocast, config, inputs, device)
+        except Exception as e:  # noqa: BLE001  the other ranks hear of it through the all-reduce, then it is raised
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise  # GraphedSteps goes on eagerly
+            commits.own_failure = e
+            run.optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            flags[1 + ranks.rank] = 1.0
+        reduced = ranks.reduce_step(params, loss, flags)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # a step in which a rank failed is skipped as a NaN step is (fused AdamW's found_inf)
+        grad_norm = torch.where(reduced[2:].sum() > 0, math.inf, grad_norm.to(reduced))
+        return torch.cat([reduced[:1], grad_norm.reshape(1), reduced[1:]])
+
+    return gradients, flags
 
 
 def _peer_failed(ranks: distributed.Ranks, step: int, failed: list[float], own: BaseException | None,
@@ -504,30 +533,31 @@ def _peer_failed(ranks: distributed.Ranks, step: int, failed: list[float], own: 
     return error
 
 
-def _graphed(device: torch.device, runner: BlockRunner, deferred: bool, ranks: distributed.Ranks | None) -> bool:
-    """Whether a session replays its steps from CUDA graphs (core.step_graphs): on a GPU, with the compiler
-    recomputing the blocks (no block swap, whose weights move in Python) and fused AdamW (which skips a NaN step on
-    the device); with ranks, only when their all-reduce runs on the GPU (NCCL), which a graph can hold."""
-    return (step_graphs.STEP_GRAPHS_ON_GPU and device.type == "cuda" and runner.recomputed_by_compiler and deferred
+def _graphed(plan: SpeedPlan, runner: BlockRunner, deferred: bool, ranks: distributed.Ranks | None) -> bool:
+    """Whether a session replays its steps from CUDA graphs (core.step_graphs): where the plan says so (GPUs), with
+    the compiler recomputing the blocks (no block swap, whose weights move in Python) and fused AdamW (which skips a
+    NaN step on the device); with ranks, only when their all-reduce runs on the GPU (NCCL), which a graph can hold."""
+    return (plan.step_graphs and runner.recomputed_by_compiler and deferred
             and (ranks is None or ranks.device.type == "cuda"))
 
 
-def _step_inputs(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step: int, base, device, compute_dtype,
-                 ranks: distributed.Ranks | None) -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
+def _step_inputs(run: _Run, dataset: TrainingDataset, batches: BatchPlan, step: int, base, device, compute_dtype,
+                 ranks: distributed.Ranks | None, pinned: bool) -> tuple[list[tuple[torch.Tensor, ...]], list[int]]:
     """Per micro-batch of step ``step``, what its forward reads, on the device: (x_t, t, context, pooled, guidance,
     velocity target, loss weight); and the dataset indices of its first micro-batch. Drawn on the CPU from the
     step's own generators, for the whole batch: with ``ranks``, this rank keeps its share of the rows (none, for a
-    small last batch, leaves that micro-batch out) and weights its loss by that share."""
+    small last batch, leaves that micro-batch out) and weights its loss by that share. ``pinned``: the copies go
+    through page-locked memory (SpeedPlan.pinned_inputs)."""
     config = run.config
     inputs, first_indices = [], None
     for micro in range(config.gradient_accumulation):
-        indices = plan.batch((step - 1) * config.gradient_accumulation + micro)
+        indices = batches.batch((step - 1) * config.gradient_accumulation + micro)
         first_indices = first_indices or indices
         rows = ranks.share(len(indices)) if ranks is not None else slice(0, len(indices))
         if rows.start == rows.stop:
             continue
         generator = torch.Generator().manual_seed(mix_seed(config.seed, 2, step, micro))
-        latents, context, pooled = _micro_batch(dataset, indices, config, generator, rows, pin=_pinned_copies(device))
+        latents, context, pooled = _micro_batch(dataset, indices, config, generator, rows, pin=pinned)
         x0 = base.process_latent_in(latents)
         noise = torch.randn((len(indices), *x0.shape[1:]), generator=generator)[rows]
         tokens = math.ceil(x0.shape[-2] / 2) * math.ceil(x0.shape[-1] / 2)
@@ -535,10 +565,9 @@ def _step_inputs(run: _Run, dataset: TrainingDataset, plan: BatchPlan, step: int
         xt = (1 - t) * x0 + t * noise
         guidance = torch.full((x0.shape[0],), config.guidance)
         weight = torch.tensor(x0.shape[0] / len(indices))  # 1.0 alone: the loss is unchanged, bit for bit
-        inputs.append((_to_device(xt, device, compute_dtype), _to_device(t.flatten(), device),
-                       _to_device(context, device, compute_dtype), _to_device(pooled, device, compute_dtype),
-                       _to_device(guidance, device, compute_dtype), _to_device(noise - x0, device),
-                       _to_device(weight, device)))
+        inputs.append(tuple(_to_device(x, device, dtype, pinned) for x, dtype in (
+            (xt, compute_dtype), (t.flatten(), None), (context, compute_dtype), (pooled, compute_dtype),
+            (guidance, compute_dtype), (noise - x0, None), (weight, None))))
     return inputs, first_indices
 
 

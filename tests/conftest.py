@@ -107,13 +107,14 @@ def load_flux(core, path, dtype=None):
         return core.flux_files.load_flux_model(path, dtype or torch.float8_e4m3fn)
 
 
-def train_tiny(core, patcher, data, on_step=None, stop_at=0, **settings):
-    """A short rank-4 training run on a tiny model, under inference mode as ComfyUI's executor runs nodes."""
+def train_tiny(core, patcher, data, on_step=None, stop_at=0, speed=None, **settings):
+    """A short rank-4 training run on a tiny model, under inference mode as ComfyUI's executor runs nodes.
+    ``speed``: overrides of the run's SpeedPlan (core.speed_plan)."""
     import torch
 
     config = core.training.TrainConfig(**{"steps": 4, "learning_rate": 1e-3, "rank": 4, "alpha": 4.0, **settings})
     with torch.inference_mode():
-        return core.training.train_lora(patcher, data, config, on_step, stop_at=stop_at)
+        return core.training.train_lora(patcher, data, config, on_step, stop_at=stop_at, speed=speed)
 
 
 def latent_dataset(core, images=1, seed=0):
