@@ -123,10 +123,10 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
                             should_stop=should_stop, preview_every=previews.every_steps if previews else 0,
                             on_preview=on_preview if previews else None)
     except NonFiniteLoss as e:
-        raise failed(live, rescue(node, model, config, e, "learning_rate", f"training stopped: {e}.", "Lower the "
+        raise failed(live, rescue(node, live, model, config, e, "learning_rate", f"training stopped: {e}.", "Lower the "
                      "learning rate, keep max_grad_norm on (1.0), or check the dataset for broken images.")) from e
     except distributed.PeerFailed as e:
-        raise failed(live, rescue(node, model, config, e, "ranks", f"{e}.", "Fix what that rank reported and "
+        raise failed(live, rescue(node, live, model, config, e, "ranks", f"{e}.", "Fix what that rank reported and "
                      "continue from the saved state (on any number of ranks).")) from e
     except MissingPackage as e:
         raise failed(live, node_error(node, "optimizer", str(e))) from e
@@ -270,16 +270,17 @@ def save_rescue(model, config: TrainConfig, result: TrainResult, name: str, why:
     return write_lora(result.weights.to_kohya(), info, RESCUE_PREFIX + name, result.state)
 
 
-def rescue(node: str, model, config: TrainConfig, error: NonFiniteLoss | distributed.PeerFailed, input_name: str,
-           what: str, fix: str) -> ValueError:
-    """Save the last good adapter and its state (rank 0 only), and say where, so a NaN or a failed rank never
-    costs the run."""
+def rescue(node: str, live, model, config: TrainConfig, error: NonFiniteLoss | distributed.PeerFailed,
+           input_name: str, what: str, fix: str) -> ValueError:
+    """Save the last good adapter and its state (rank 0 only), and say where, in the message and on the panel, so
+    a NaN or a failed rank never costs the run."""
     good = error.result
     trained = good is not None and good.state is not None and good.state.step > 0
     where = ""
     if trained and distributed.is_main():
         try:
             path = save_rescue(model, config, good, f"step_{good.state.step:05d}", str(error))
+            RUNS.saved(live.node, rescue_name(path))
             where = (f" The adapter after step {good.state.step}, the last good one, and its training state are saved "
                      f"as {path}; continue from it with Load Training State and Continue Training, whose "
                      "learning_rate input sets a lower rate for the steps it adds.")

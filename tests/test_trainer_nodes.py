@@ -242,6 +242,9 @@ def test_a_nan_loss_stops_with_a_clear_error_and_saves_the_last_good_adapter(com
     assert os.path.isfile(rescue.replace(".safetensors", ".dev2pro-state"))
     assert all(torch.isfinite(t.float()).all() for t in load_file(rescue).values())
     assert not os.path.exists(comfy.path("loras", "nan"))
+    # the panel lists it as it lists a Cancel's rescue file
+    run = core.live_runs.RUNS.get("train")
+    assert run.status == "failed" and run.saved[-1] == f"models/loras/dev2pro-rescue/{os.path.basename(rescue)}"
 
 
 def advanced(fp8_matmul):
