@@ -144,3 +144,18 @@ def assert_same_adapter(a, b):
     assert a.down.keys() == b.down.keys()
     for name in a.down:
         assert torch.equal(a.down[name], b.down[name]) and torch.equal(a.up[name], b.up[name]), name
+
+
+@pytest.fixture(scope="module", name="server")
+def demo_server(tmp_path_factory):
+    """A real ComfyUI server (main.py --cpu, the pack linked into custom_nodes) on the demo models, one per test
+    module that asks for it; ``.workdir`` is its --base-directory."""
+    import demo
+    from comfy_inprocess import comfyui_path
+
+    workdir = str(tmp_path_factory.mktemp("demo_server"))
+    demo.prepare_demo_folder(workdir)
+    with demo.ComfyServer(comfyui_path(), ["--cpu", "--base-directory", workdir],
+                          os.path.join(workdir, "comfyui.log")) as s:
+        s.workdir = workdir
+        yield s

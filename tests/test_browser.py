@@ -12,22 +12,11 @@ from safetensors import safe_open
 
 import browser
 import demo
-from comfy_inprocess import comfyui_path
 
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.environ.get("DEV2PRO_ARTIFACTS", os.path.join(PACK, "artifacts", "browser"))
 TEMPLATES = sorted(f for f in os.listdir(os.path.join(PACK, "workflows")) if f.endswith(".json"))
 TRAINER = "9"  # the trainer's node id in the shipped graph and the demo
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("browser_demo"))
-    demo.prepare_demo_folder(workdir)
-    with demo.ComfyServer(comfyui_path(), ["--cpu", "--base-directory", workdir],
-                          os.path.join(workdir, "comfyui.log")) as s:
-        s.workdir = workdir
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,8 @@ import pytest
 from safetensors import safe_open
 
 import demo
-from comfy_inprocess import comfyui_path
 
 CLIENT = os.path.join(demo.PACK_DIR, "scripts", "dev2pro_client.py")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("client_demo"))
-    demo.prepare_demo_folder(workdir)
-    with demo.ComfyServer(comfyui_path(), ["--cpu", "--base-directory", workdir],
-                          os.path.join(workdir, "comfyui.log")) as s:
-        s.workdir = workdir
-        yield s
 
 
 @pytest.fixture
