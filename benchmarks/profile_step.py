@@ -99,8 +99,6 @@ def main():
             double, single = (float(x) for x in budgets.split(":"))
             speed["recompute_budgets"] = {(kind, offloaded): value for kind, value in (("double", double), ("single", single))
                                           for offloaded in (False, True)}
-        plan = train_step.speed_plan(pack, speed, fp8_matmul=fp8)
-        budget = plan["recompute_budgets"]
         torch.cuda.reset_peak_memory_stats()
         state = {"steps": 0, "profiler": None}
         clock = train_step.StepClock()
@@ -119,8 +117,9 @@ def main():
 
         handle = register_optimizer_step_post_hook(after_step)
         with torch.inference_mode():
-            train_step.run_ours(pack, patcher, resolution, 2 + timed + profiled_steps + 1, 512, 16, speed=speed,
-                                compile="auto", fp8_matmul=fp8)
+            _, ran = train_step.run_ours(pack, patcher, resolution, 2 + timed + profiled_steps + 1, 512, 16,
+                                         speed=speed, compile="auto", fp8_matmul=fp8)
+        budget = ran["plan"]["recompute_budgets"]
         handle.remove()
         train_step.free_everything()
         seconds = clock.seconds(warmup=2)[:timed]  # steps 3 to 2 + timed, before the profiler starts

@@ -20,8 +20,8 @@ model and the same latent and caption. Prints one JSON line per configuration:
   mode.
 - ``allocated_after_unload_gib``: GPU memory still allocated once the node returned and the model was unloaded.
 - ``speed_plan``: every speed decision of the row (core.speed_plan.SpeedPlan.describe()).
-- ``step_graphs_captured`` / ``step_graphs_failed``: sessions whose step was captured as CUDA graphs, or whose capture
-  failed and ran eagerly (core.step_graphs).
+- ``step_graphs_captured`` / ``step_graphs_failed``: sessions whose steps replayed from CUDA graphs, or whose capture
+  failed and ran eagerly (core.step_graphs; from the run's TrainResult.speed).
 - low-VRAM rows emulate a card with ``--card-gib`` of free memory: the rest is taken by a placeholder tensor
   before the model is loaded, so ComfyUI loads only what fits and the trainer streams the rest; the placeholder
   is subtracted from the peak.
@@ -178,19 +178,6 @@ class StepClock:
         return times[warmup - 1:] if warmup > 0 else times
 
 
-def record_captures(step_graphs) -> list[bool]:
-    """From now on, whether each capture of a step's CUDA graphs (core.step_graphs) succeeded, in order."""
-    outcomes = []
-    capture = step_graphs.GraphedSteps._capture
-
-    def recorded(self, inputs):
-        outcomes.append(capture(self, inputs))
-        return outcomes[-1]
-
-    step_graphs.GraphedSteps._capture = recorded
-    return outcomes
-
-
 def free_everything():
     import comfy.model_management
 
@@ -213,17 +200,22 @@ def timed(run, warmup: int, placeholder_bytes: int = 0) -> dict:
     start = time.perf_counter()
     try:
         with torch.inference_mode():  # as ComfyUI's executor runs nodes
-            losses = run()
+            out = run()
     except BaseException:
         clock.handle.remove()
         raise
     wall = time.perf_counter() - start
     times = clock.seconds(warmup)
     breaks = sum(counters["graph_break"].values()) - breaks_before
-    return {"steps_timed": len(times), "seconds_per_step_median": round(statistics.median(times), 4),
-            "seconds_per_step_mean": round(statistics.mean(times), 4),
-            "peak_gib": round((peak_bytes() - placeholder_bytes) / GIB, 2),
-            "node_wall_seconds": round(wall, 1), "graph_breaks": breaks, "losses": [round(x, 5) for x in losses]}
+    losses, speed = out if isinstance(out, tuple) else (out, None)  # ours reports its TrainResult.speed
+    row = {"steps_timed": len(times), "seconds_per_step_median": round(statistics.median(times), 4),
+           "seconds_per_step_mean": round(statistics.mean(times), 4),
+           "peak_gib": round((peak_bytes() - placeholder_bytes) / GIB, 2),
+           "node_wall_seconds": round(wall, 1), "graph_breaks": breaks, "losses": [round(x, 5) for x in losses]}
+    if speed is not None:
+        row.update(step_graphs_captured=speed["step_graphs"].count("replayed"),
+                   step_graphs_failed=speed["step_graphs"].count("failed"), speed_plan=speed["plan"])
+    return row
 
 
 def data(resolution: int, tokens: int, width: int):
@@ -236,21 +228,18 @@ def data(resolution: int, tokens: int, width: int):
 def run_ours(pack, patcher, resolution, steps, tokens, rank, images=1, speed=None, **settings):
     """Ours on ``images`` copies of one latent and caption (each drawn with its own noise): core.training.train_lora
     as Dev2ProTrainLoRA calls it (under inference mode, the training guidance 1.0 that Training Guidance sets), with
-    the node's defaults, ``settings`` and the SpeedPlan overrides ``speed``. Returns the losses."""
+    the node's defaults, ``settings`` and the SpeedPlan overrides ``speed``; ``batch_size`` per rank, as the node takes
+    it. Returns the losses and the run's TrainResult.speed."""
     core = pack.core
     latent, context, pooled = data(resolution, tokens, patcher.model.diffusion_model.params.context_in_dim)
     dataset = core.dataset.TrainingDataset.from_batches(latent.repeat(images, 1, 1, 1), [(context[0], pooled[0])])
     model = patcher.clone()
+    settings["batch_size"] = core.distributed.global_batch(settings.get("batch_size", 1))
     config = core.config.TrainConfig(steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank), seed=0,
                                      guidance=1.0, gradient_checkpointing=True, **settings)
     with torch.inference_mode():
-        return list(core.training.train_lora(model, dataset, config, speed=speed).losses)
-
-
-def speed_plan(pack, speed=None, **settings) -> dict:
-    """The SpeedPlan a row of ours ran with, as train_lora builds it."""
-    config = pack.core.config.TrainConfig(**settings)
-    return pack.core.speed_plan.plan(config, torch.device("cuda" if CUDA else "cpu"), **(speed or {})).describe()
+        result = core.training.train_lora(model, dataset, config, speed=speed)
+    return list(result.losses), result.speed
 
 
 def comfyui_settings(kind: str, steps: int, rank: int) -> dict:
@@ -347,7 +336,6 @@ def main() -> None:
               row["peak_gib"], "GiB", file=sys.stderr, flush=True)
 
     rows = []
-    captured = record_captures(pack.core.step_graphs)  # cleared per row
     fp8_low_vram = "on" if a.low_vram_fp8 else "off"
     # Low-VRAM rows first, as in the README's numbers. (They crashed after an eager session at the same size while
     # swap sessions used cuDNN attention; see the README.)
@@ -363,8 +351,7 @@ def main() -> None:
             free_everything()
         rows.append({"trainer": "Dev2ProTrainLoRA fp8" if a.low_vram_fp8 else "Dev2ProTrainLoRA", "resolution": resolution,
                      "mode": "low_vram", "emulated_card_gib": a.card_gib, "compile": a.low_vram_compile,
-                     "fp8_matmul": fp8_low_vram, **row,
-                     "speed_plan": speed_plan(pack, fp8_speed, compile=a.low_vram_compile, fp8_matmul=fp8_low_vram)})
+                     "fp8_matmul": fp8_low_vram, **row})
         progress(rows[-1])
 
     for resolution in a.resolutions:
@@ -390,12 +377,9 @@ def main() -> None:
             variants = []
         for name, settings, speed in variants:
             speed = {**fp8_speed, **speed}
-            captured.clear()
             row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, speed=speed, **settings),
                         a.warmup)
-            rows.append({"trainer": name, "resolution": resolution, "mode": "fast", **settings, **row,
-                         "step_graphs_captured": captured.count(True), "step_graphs_failed": captured.count(False),
-                         "speed_plan": speed_plan(pack, speed, **settings)})
+            rows.append({"trainer": name, "resolution": resolution, "mode": "fast", **settings, **row})
             progress(rows[-1])
             free_everything()
             # with the model unloaded: what the session left on the GPU (the step graphs' memory must be gone)

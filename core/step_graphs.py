@@ -73,6 +73,7 @@ class GraphedSteps(EagerSteps):
         self.warmup = warmup
         self.eager_steps = 0
         self.failed = False
+        self.captured = False
         self._replayed = False  # whether the current step runs from the graphs
         self.inputs: list[list[torch.Tensor]] | None = None  # static: each step's batch is copied in
         self.stats: torch.Tensor | None = None  # static output of the gradients graph
@@ -83,6 +84,12 @@ class GraphedSteps(EagerSteps):
     @property
     def replaying(self) -> bool:
         return self._graphs is not None
+
+    @property
+    def outcome(self) -> str:
+        """How this session ran: "replayed" from its graphs, "failed" to capture them (eager), or "eager" (too few
+        steps to capture)."""
+        return "failed" if self.failed else "replayed" if self.captured else "eager"
 
     def gradients(self, inputs: StepInputs) -> torch.Tensor:
         self._replayed = self._replays(inputs)
@@ -140,6 +147,7 @@ class GraphedSteps(EagerSteps):
             self.close()
             return False
         self._graphs = (gradients, update)
+        self.captured = True
         return True
 
     def close(self) -> None:

@@ -65,6 +65,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # every step of the run, earlier sessions included
     state: TrainingState | None = None
     stopped_early: bool = False
+    # how the run used the hardware: {"plan": SpeedPlan.describe(), "step_graphs": per training session
+    # "replayed" (its steps replayed from CUDA graphs), "failed" (the capture failed: eager) or "eager"}
+    speed: dict = field(default_factory=dict)
 
 
 class ModelInputError(InputError):
@@ -211,6 +214,7 @@ class _Run:
         self.resume = resume
         self.adapter = None  # {name: (down, up)} Parameters, made in the first session
         self.optimizer = None
+        self.speed = {"plan": {}, "step_graphs": []}  # TrainResult.speed
 
     def attach(self, layers, device: torch.device) -> None:
         """First session: take the fresh layers' Parameters, load a resumed state into them, build the optimizer."""
@@ -245,7 +249,7 @@ class _Run:
         optimizer_state = step_graphs.plain_param_groups(_to_cpu(self.optimizer.state_dict()), self.optimizer)
         state = TrainingState(self.config, self.step, self.weights(), optimizer_state,
                               list(self.losses))
-        return TrainResult(state.adapter, list(self.losses), state, stopped_early)
+        return TrainResult(state.adapter, list(self.losses), state, stopped_early, self.speed)
 
 
 def _to_cpu(value):
@@ -295,6 +299,7 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
             raise ValueError("caption_dropout needs the dataset's encoded empty caption: build the dataset with "
                              "Dev2ProDataset (it encodes one), or set caption_dropout to 0")
     run = _Run(config, resume)
+    run.speed["plan"] = plan.describe()
     end = min(config.steps, stop_at) if stop_at > 0 else config.steps
     batches = BatchPlan(dataset, config.batch_size, config.seed)
     previewing = on_preview is not None and preview_every > 0
@@ -310,7 +315,7 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
     if run.adapter is None:  # nothing left to train: hand the resumed state back
         if resume is None:
             raise ValueError("no training steps to run")
-        return TrainResult(resume.adapter, list(resume.losses), resume)
+        return TrainResult(resume.adapter, list(resume.losses), resume, speed=run.speed)
     return run.result(stopped)
 
 
@@ -488,6 +493,7 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, batches: 
             comfy.model_management.interrupt_current_processing(True)
             return True
         finally:
+            run.speed["step_graphs"].append(getattr(steps, "outcome", "eager"))
             steps.close()
 
 

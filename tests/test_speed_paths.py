@@ -124,6 +124,7 @@ def test_a_session_whose_step_graphs_cannot_be_captured_trains_on_eagerly_and_sa
         graphed = train(core, load(core, model_file), data, steps=5, compile="on", speed={"step_graphs": True})
     assert captures == [0], "one capture, at the session's third step, and no retry"
     assert "could not be captured" in caplog.text
+    assert graphed.speed["step_graphs"] == ["failed"] and eager.speed["step_graphs"] == ["eager"]
     assert graphed.losses == eager.losses
     assert_same_adapter(graphed.weights, eager.weights)
     groups = graphed.state.optimizer["param_groups"]

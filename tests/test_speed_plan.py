@@ -63,6 +63,7 @@ def test_a_runs_overrides_reach_its_model_and_end_with_it(core, model_file, monk
     with caplog.at_level("INFO", logger="dev2pro-lora"):
         overridden = train(core, load(core, model_file), data, steps=2, speed={"attention": "cudnn_first"})
     assert calls, "the run's attention went through the override it was given"
+    assert overridden.speed["plan"]["attention"] == "cudnn_first"  # the run reports the plan it ran with
     assert "training from the start: eager, checkpointed, attention cudnn_first" in caplog.text
     calls.clear()
     plain = train(core, load(core, model_file), data, steps=2)
