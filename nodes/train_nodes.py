@@ -144,9 +144,8 @@ def run_training(node_cls, model, dataset: TrainingDataset, config: TrainConfig,
     if ranks is not None:  # the ranks stopped together, on a signal to any of them
         if stopped and ranks.main and result.state is not None:
             # torchrun gives the ranks 30 s after a Ctrl-C before it kills them: saved now, not by a later node
-            path = save_rescue(model, config, result, f"stopped_step_{step:05d}", f"stopped at step {step} of "
-                               f"{config.steps}")
-            RUNS.saved(node_id, rescue_name(path))
+            path = save_rescue(node_id, model, config, result, f"stopped_step_{step:05d}", f"stopped at step {step} "
+                               f"of {config.steps}")
             log.warning("%s: stopped at step %d of %d; the adapter and its training state are saved as %s", node,
                         step, config.steps, path)
     elif cancelled[0]:
@@ -172,8 +171,7 @@ def cancel(node: str, live, model, config: TrainConfig, result: TrainResult, fir
     # a Cancel as training starts (0.3.64 sees it only once the first step is done) keeps no one-step adapter
     if result.state is not None and step > first + 1:
         try:
-            path = save_rescue(model, config, result, f"cancelled_step_{step:05d}", message)
-            RUNS.saved(live.node, rescue_name(path))
+            path = save_rescue(live.node, model, config, result, f"cancelled_step_{step:05d}", message)
             message += f"; the adapter so far and its training state are saved as {rescue_name(path)}"
         except ValueError as e:
             message += f"; the adapter so far could not be saved ({e})"
@@ -261,13 +259,15 @@ def outputs(model, config: TrainConfig, result: TrainResult, preview_images: lis
     return io.NodeOutput(lora, curve, previews, result.state)
 
 
-def save_rescue(model, config: TrainConfig, result: TrainResult, name: str, why: str) -> str:
-    """Write ``result``'s adapter and state under models/loras/dev2pro-rescue/; returns the path (ValueError if
-    it cannot be written)."""
+def save_rescue(node_id: str, model, config: TrainConfig, result: TrainResult, name: str, why: str) -> str:
+    """Write ``result``'s adapter and state under models/loras/dev2pro-rescue/ and list the file on trainer
+    ``node_id``'s run (the panel); returns the path (ValueError if it cannot be written)."""
     info = lora_info(model, config, result, stopped_early=False)
     info["dev2pro_stopped_early"] = why
     result.state.info.update(info)
-    return write_lora(result.weights.to_kohya(), info, RESCUE_PREFIX + name, result.state)
+    path = write_lora(result.weights.to_kohya(), info, RESCUE_PREFIX + name, result.state)
+    RUNS.saved(node_id, rescue_name(path))
+    return path
 
 
 def rescue(node: str, live, model, config: TrainConfig, error: NonFiniteLoss | distributed.PeerFailed,
@@ -279,8 +279,7 @@ def rescue(node: str, live, model, config: TrainConfig, error: NonFiniteLoss | d
     where = ""
     if trained and distributed.is_main():
         try:
-            path = save_rescue(model, config, good, f"step_{good.state.step:05d}", str(error))
-            RUNS.saved(live.node, rescue_name(path))
+            path = save_rescue(live.node, model, config, good, f"step_{good.state.step:05d}", str(error))
             where = (f" The adapter after step {good.state.step}, the last good one, and its training state are saved "
                      f"as {path}; continue from it with Load Training State and Continue Training, whose "
                      "learning_rate input sets a lower rate for the steps it adds.")
