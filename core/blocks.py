@@ -17,6 +17,7 @@ from .comfy_compat import block_options
 from .input_offload import BlockInputOffload
 from .speed_plan import SpeedPlan
 
+
 def _double_block(block, img, txt, vec, pe, attn_mask, transformer_options):
     return block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=transformer_options)
 
@@ -106,9 +107,6 @@ def compiler_settings(plan: SpeedPlan):
         yield
 
 
-# The attention overrides a session can ask ComfyUI for: why each, in core.speed_plan.ATTENTION_CHOICES.
-
-
 def _sdpa(backends: list, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False):
     """What ComfyUI's PyTorch attention computes, on SDPA's ``backends`` in that order of preference."""
     from torch.nn.attention import sdpa_kernel
@@ -147,14 +145,15 @@ def attention_cudnn_first(func, q, k, v, heads, mask=None, attn_precision=None, 
                   SDPBackend.MATH], q, k, v, heads, mask, skip_reshape, skip_output_reshape)
 
 
+# The attention overrides a session can ask ComfyUI for (why each: core.speed_plan.ATTENTION_CHOICES).
 ATTENTION = {"cudnn_first": attention_cudnn_first, "no_cudnn": attention_without_cudnn, "comfyui": None}
 
 
 class BlockRunner:
     """Runs the transformer's blocks for training: ``replacements()`` gives the ``patches_replace`` "dit" entries.
 
-    - ``checkpointing``: each block is recomputed in backward from its saved input (far less memory).
-    - ``compiled``: each block kind goes through torch.compile (fused kernels, far fewer launches).
+    - ``plan.checkpointing``: each block is recomputed in backward from its saved input (far less memory).
+    - ``plan.compiled``: each block kind goes through torch.compile (fused kernels, far fewer launches).
     - ``swap``: a BlockSwap that streams off-GPU block weights in just before each block runs.
     """
 
@@ -162,17 +161,15 @@ class BlockRunner:
         self.model = model
         self.plan = plan
         self.offload: BlockInputOffload | None = None  # made on the first block that offloads
-        self.checkpointing = plan.checkpointing
-        self.compiled = plan.compiled
         self.swap = swap
 
     def _run(self, kind: str, index: int, block, args: tuple):
         def call(*tensors):
             if self.swap is not None:
                 self.swap.enter(index)
-            if self.compiled:
+            if self.plan.compiled:
                 return _compiled(kind, "swapped" if self.swap is not None else "plain")(block, *tensors, *args)
-            if self.checkpointing:
+            if self.plan.checkpointing:
                 return (_double_out_of_place if kind == "double" else _single_out_of_place)(block, *tensors, *args)
             return _eager_saving_copies(kind, block, tensors + args)
 
@@ -194,7 +191,8 @@ class BlockRunner:
     @property
     def recomputed_by_compiler(self) -> bool:
         """Whether each block is one compiled forward and one compiled backward, with no Python between them."""
-        return self.compiled and self.checkpointing and self.swap is None and self.plan.recompute_in_compiled_backward
+        plan = self.plan
+        return plan.compiled and plan.checkpointing and self.swap is None and plan.recompute_in_compiled_backward
 
     def attention_override(self):
         """ComfyUI's ``optimized_attention_override`` for this session, or None for ComfyUI's own choice."""
@@ -227,7 +225,7 @@ class BlockRunner:
             rest = (args["vec"], args["pe"], args.get("attn_mask"), block_options(args.get("transformer_options")))
             call = self._run(kind, index, block, rest)
             streams = (args["img"], args["txt"]) if kind == "double" else (args["img"],)
-            out = checkpoint(call, *streams, use_reentrant=False) if self.checkpointing else call(*streams)
+            out = checkpoint(call, *streams, use_reentrant=False) if self.plan.checkpointing else call(*streams)
             return {"img": out[0], "txt": out[1]} if kind == "double" else {"img": out}
 
         return replace

@@ -34,6 +34,8 @@ class EagerSteps:
     with ``skip_non_finite`` by the optimizer (fused AdamW) on the device, so that no host sync is needed to keep it
     out; otherwise after reading them here."""
 
+    outcome = "eager"  # how the session ran (TrainResult.speed); GraphedSteps says whether it replayed
+
     def __init__(self, optimizer: torch.optim.Optimizer, gradients: Gradients, skip_non_finite: bool):
         self.optimizer = optimizer
         self._gradients = gradients

@@ -493,7 +493,7 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, batches: 
             comfy.model_management.interrupt_current_processing(True)
             return True
         finally:
-            run.speed["step_graphs"].append(getattr(steps, "outcome", "eager"))
+            run.speed["step_graphs"].append(steps.outcome)
             steps.close()
 
 
