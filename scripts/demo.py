@@ -151,10 +151,16 @@ def demo_ui_workflow(server: "ComfyServer", train_steps: int, preview_every: int
     return api_to_ui(prompt, defs, positions, sizes)
 
 
+def demo_server(comfyui: str, workdir: str) -> "ComfyServer":
+    """A ComfyUI server (main.py --cpu, for ``with``) on the demo models and dataset under ``workdir``, which are
+    made first where missing; its log is ``workdir``/comfyui.log."""
+    prepare_demo_folder(workdir)
+    return ComfyServer(comfyui, ["--cpu", "--base-directory", workdir], os.path.join(workdir, "comfyui.log"))
+
+
 def serve(comfyui: str, workdir: str, train_steps: int) -> None:
     """Demo models, a ComfyUI server on them and the demo workflow in its Workflows sidebar, until Ctrl-C."""
-    prepare_demo_folder(workdir)
-    with ComfyServer(comfyui, ["--cpu", "--base-directory", workdir], os.path.join(workdir, "comfyui.log")) as server:
+    with demo_server(comfyui, workdir) as server:
         folder = os.path.join(workdir, "user", "default", "workflows")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "dev2pro_demo.json")

@@ -23,9 +23,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     workdir = tempfile.mkdtemp(prefix="dev2pro-thumbnails-")
-    demo.prepare_demo_folder(workdir)
-    with demo.ComfyServer(comfyui_path(), ["--cpu", "--base-directory", workdir],
-                          os.path.join(workdir, "comfyui.log")) as server, sync_playwright() as p:
+    with demo.demo_server(comfyui_path(), workdir) as server, sync_playwright() as p:
         chromium = browser.launch(p)
         page = chromium.new_page(viewport={"width": 1600, "height": 900})
         browser.open_comfyui(page, server.url)

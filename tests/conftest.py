@@ -154,8 +154,6 @@ def demo_server(tmp_path_factory):
     from comfy_inprocess import comfyui_path
 
     workdir = str(tmp_path_factory.mktemp("demo_server"))
-    demo.prepare_demo_folder(workdir)
-    with demo.ComfyServer(comfyui_path(), ["--cpu", "--base-directory", workdir],
-                          os.path.join(workdir, "comfyui.log")) as s:
+    with demo.demo_server(comfyui_path(), workdir) as s:
         s.workdir = workdir
         yield s
