@@ -27,7 +27,7 @@ model and the same latent and caption. Prints one JSON line per configuration:
   is subtracted from the peak.
 
     python benchmarks/train_step.py [--resolutions 512 1024] [--steps 10] [--warmup 3] [--low-vram 1024]
-                                    [--fp8-too] [--no-graphs-too] [--eager-too] [--python-wrapper-too] [--attention-too comfyui no_cudnn]
+                                    [--fp8-too] [--no-graphs-too] [--two-shapes-too] [--eager-too] [--python-wrapper-too] [--attention-too comfyui no_cudnn]
                                     [--depth 19 38]
                                     [--comfyui-settings default|fastest|both] [--skip-ours]
 
@@ -214,7 +214,8 @@ def timed(run, warmup: int, placeholder_bytes: int = 0) -> dict:
            "node_wall_seconds": round(wall, 1), "graph_breaks": breaks, "losses": [round(x, 5) for x in losses]}
     if speed is not None:
         row.update(step_graphs_captured=speed["step_graphs"].count("replayed"),
-                   step_graphs_failed=speed["step_graphs"].count("failed"), speed_plan=speed["plan"])
+                   step_graphs_failed=speed["step_graphs"].count("failed"),
+                   step_graph_shapes=max(speed["step_graph_shapes"], default=0), speed_plan=speed["plan"])
     return row
 
 
@@ -225,14 +226,20 @@ def data(resolution: int, tokens: int, width: int):
     return latent, context, pooled
 
 
-def run_ours(pack, patcher, resolution, steps, tokens, rank, images=1, speed=None, **settings):
+def run_ours(pack, patcher, resolution, steps, tokens, rank, images=1, speed=None, two_shapes=False, **settings):
     """Ours on ``images`` copies of one latent and caption (each drawn with its own noise): core.training.train_lora
     as Dev2ProTrainLoRA calls it (under inference mode, the training guidance 1.0 that Training Guidance sets), with
     the node's defaults, ``settings`` and the SpeedPlan overrides ``speed``; ``batch_size`` per rank, as the node takes
-    it. Returns the losses and the run's TrainResult.speed."""
+    it. ``two_shapes``: as many again of a second aspect bucket, 9/8 as wide and 7/8 as tall (1152x896 at 1024).
+    Returns the losses and the run's TrainResult.speed."""
     core = pack.core
     latent, context, pooled = data(resolution, tokens, patcher.model.diffusion_model.params.context_in_dim)
     dataset = core.dataset.TrainingDataset.from_batches(latent.repeat(images, 1, 1, 1), [(context[0], pooled[0])])
+    if two_shapes:
+        side = resolution // 8
+        wide = torch.randn(images, 16, side * 7 // 8, side * 9 // 8, generator=torch.Generator().manual_seed(1))
+        dataset = core.dataset.TrainingDataset(
+            dataset.samples + core.dataset.TrainingDataset.from_batches(wide, [(context[0], pooled[0])]).samples)
     model = patcher.clone()
     settings["batch_size"] = core.distributed.global_batch(settings.get("batch_size", 1))
     config = core.config.TrainConfig(steps=steps, learning_rate=1e-4, rank=rank, alpha=float(rank), seed=0,
@@ -299,6 +306,8 @@ def main() -> None:
     parser.add_argument("--fp8-scaling", default="tensor", choices=["tensor", "row"], help="fp8_matmul's activation scaling")
     parser.add_argument("--attention-too", nargs="*", default=[], choices=["comfyui", "no_cudnn"],
                         help="also run ours with these attention choices (core.speed_plan.ATTENTION_CHOICES)")
+    parser.add_argument("--two-shapes-too", action="store_true",
+                        help="also ours on two aspect buckets, each with step graphs of its own; twice the warm-up steps")
     parser.add_argument("--checkpoint-outside-too", action="store_true",
                         help="also run ours with torch.utils.checkpoint around the compiled block instead of the compiler recomputing")
     parser.add_argument("--skip-comfyui", action="store_true")
@@ -371,14 +380,18 @@ def main() -> None:
                              {"recompute_in_compiled_backward": False}))
         variants += [(f"Dev2ProTrainLoRA attention {choice}", {"compile": "auto"}, {"attention": choice})
                      for choice in a.attention_too]
+        if a.two_shapes_too:
+            variants.append(("Dev2ProTrainLoRA two shapes", {"compile": "auto", "two_shapes": True},
+                             {"step_graph_shapes": 2}))
         if a.skip_plain:
             variants = variants[1:]
         if a.skip_ours:
             variants = []
         for name, settings, speed in variants:
             speed = {**fp8_speed, **speed}
-            row = timed(lambda: run_ours(pack, patcher, resolution, steps, a.tokens, a.rank, speed=speed, **settings),
-                        a.warmup)
+            shapes = 2 if settings.get("two_shapes") else 1  # each shape compiles and warms up its own graphs
+            row = timed(lambda: run_ours(pack, patcher, resolution, a.warmup * (shapes - 1) + steps, a.tokens, a.rank,
+                                         speed=speed, **settings), a.warmup * shapes)
             rows.append({"trainer": name, "resolution": resolution, "mode": "fast", **settings, **row})
             progress(rows[-1])
             free_everything()

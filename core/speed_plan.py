@@ -96,6 +96,10 @@ class SpeedPlan:
     # replay each step from CUDA graphs where the session allows it (core.step_graphs; training._graphed)
     step_graphs: bool = False
     step_graph_warmup: int = STEP_GRAPH_WARMUP
+    # batch shapes (aspect buckets) of a session with graphs of their own; steps of any other shape run eagerly.
+    # More than 1 ran on the H200 (two shapes at 512: 0.174 s against 0.169 for one) but is not yet checked against
+    # eager steps there (benchmarks/step_graphs_check.py --cases batch_shapes)
+    step_graph_shapes: int = 1
     # the step's input copies through page-locked memory (core.training._to_device)
     pinned_inputs: bool = False
     # attention kernels (ATTENTION_CHOICES), without block swap and with it

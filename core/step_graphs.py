@@ -14,6 +14,11 @@ A step is two graphs, so that a stop asked for after step k still discards step 
 as the eager loop does: the forward and backward passes (up to the loss and gradient norm), then the optimizer
 update. Their inputs are static tensors that each step's batch is copied into; the learning rate is a tensor on the
 GPU. The graphs are captured at a session's third step, once the compiled blocks have compiled and warmed up.
+
+Up to SpeedPlan.step_graph_shapes batch shapes (aspect buckets, a smaller last batch) get a forward-and-backward
+graph each, captured after that shape's own warm-up steps, all in one memory pool and adding into the same gradient
+tensors; the update graph is shared. Every graph's intermediates are dead when it ends and its outputs are copied
+out before another replays, so sharing the pool is safe in any replay order.
 """
 from __future__ import annotations
 
@@ -48,11 +53,14 @@ class EagerSteps:
     def update(self, learning_rate: float, stats: torch.Tensor) -> None:
         """Queue the optimizer update from the gradients of the last ``gradients`` call."""
         if not self.skip_non_finite and not bool(torch.isfinite(stats).all()):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_gradients()
             return
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         self._step(stats, self.optimizer.step)
+        self._clear_gradients()
+
+    def _clear_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _step(self, stats: torch.Tensor, step: Callable[[], object]) -> None:
@@ -65,52 +73,56 @@ class EagerSteps:
 
 
 class GraphedSteps(EagerSteps):
-    """Eager for the session's first ``warmup`` steps (SpeedPlan.step_graph_warmup), then captured and replayed. Any
-    failure to capture (an op the graph cannot hold, a recompile) logs why and leaves the session eager."""
+    """Eager for each batch shape's first ``warmup`` steps (SpeedPlan.step_graph_warmup), then captured and replayed,
+    for up to ``shapes`` shapes (SpeedPlan.step_graph_shapes). Any failure to capture (an op the graph cannot hold, a
+    recompile) logs why and leaves the session eager."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, gradients: Gradients, skip_non_finite: bool,
-                 device: torch.device, warmup: int):
+                 device: torch.device, warmup: int, shapes: int = 1):
         super().__init__(optimizer, gradients, skip_non_finite)
         self.device = device
         self.warmup = warmup
-        self.eager_steps = 0
+        self.max_shapes = shapes
+        self.eager_steps: dict[tuple, int] = {}  # per batch shape
         self.failed = False
-        self.captured = False
         self._replayed = False  # whether the current step runs from the graphs
-        self.inputs: list[list[torch.Tensor]] | None = None  # static: each step's batch is copied in
-        self.stats: torch.Tensor | None = None  # static output of the gradients graph
+        self._shapes: dict[tuple, _ShapeGraph] = {}
+        self._update: torch.cuda.CUDAGraph | None = None
+        self._params: list[torch.Tensor] = []
+        self._gradients_kept: list[torch.Tensor] | None = None  # their gradients, which every graph adds into
+        self._stats: torch.Tensor | None = None  # [loss, gradient norm, ...]: every graph's output, read by the update
         self.learning_rate: torch.Tensor | None = None
-        self._graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
         self._groups = [(g["lr"], g.get("capturable", False)) for g in optimizer.param_groups]
 
     @property
     def replaying(self) -> bool:
-        return self._graphs is not None
+        return self._update is not None
+
+    @property
+    def shapes_captured(self) -> int:
+        return len(self._shapes)
 
     @property
     def outcome(self) -> str:
         """How this session ran: "replayed" from its graphs, "failed" to capture them (eager), or "eager" (too few
-        steps to capture)."""
-        return "failed" if self.failed else "replayed" if self.captured else "eager"
+        steps of any one shape to capture)."""
+        return "failed" if self.failed else "replayed" if self._shapes else "eager"
 
     def gradients(self, inputs: StepInputs) -> torch.Tensor:
-        self._replayed = self._replays(inputs)
-        if not self._replayed:
-            self.eager_steps += 1
-            self.optimizer.zero_grad(set_to_none=True)  # not into the graph's gradients
+        key = _shape_key(inputs)
+        graph = self._shapes.get(key)
+        if (graph is None and not self.failed and len(self._shapes) < self.max_shapes
+                and self.eager_steps.get(key, 0) >= self.warmup):
+            graph = self._capture(key, inputs)
+        self._replayed = graph is not None
+        if graph is None:
+            self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
+            self._clear_gradients()  # whatever a replayed step left in the kept gradients
             return super().gradients(inputs)
-        for static, new in zip(_flat(self.inputs), _flat(inputs)):
+        for static, new in zip(_flat(graph.inputs), _flat(inputs)):
             static.copy_(new, non_blocking=True)
-        self._graphs[0].replay()
-        return self.stats
-
-    def _replays(self, inputs: StepInputs) -> bool:
-        if self.failed or (not self.replaying and self.eager_steps < self.warmup):
-            return False
-        if not self.replaying:
-            return self._capture(inputs)
-        # a batch of another shape (a smaller last batch of an image size, another size) runs eagerly
-        return [t.shape for t in _flat(inputs)] == [t.shape for t in _flat(self.inputs)]
+        graph.graph.replay()
+        return graph.stats
 
     def update(self, learning_rate: float, stats: torch.Tensor) -> None:
         if not self._replayed:
@@ -122,42 +134,64 @@ class GraphedSteps(EagerSteps):
         hooks = self.optimizer._optimizer_step_pre_hooks, self.optimizer._optimizer_step_post_hooks
         for hook in (*_global_optimizer_pre_hooks.values(), *hooks[0].values()):
             hook(self.optimizer, (), {})
-        self._graphs[1].replay()
+        self._update.replay()
         for hook in (*hooks[1].values(), *_global_optimizer_post_hooks.values()):
             hook(self.optimizer, (), {})
 
-    def _capture(self, inputs: StepInputs) -> bool:
-        """Record both graphs (nothing runs while recording); returns whether they were made."""
-        self.inputs = [[t.clone() for t in micro] for micro in inputs]
-        self.learning_rate = torch.tensor(float(self._groups[0][0]), device=self.device)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate  # fused AdamW reads a tensor learning rate on the device
-            group["capturable"] = True
-        self.optimizer.zero_grad(set_to_none=True)  # the gradients are made inside the graph's memory
+    def _clear_gradients(self) -> None:
+        if self._gradients_kept is None:
+            return super()._clear_gradients()
+        for p, grad in zip(self._params, self._gradients_kept):
+            p.grad = grad  # the graphs hold these addresses: eager steps add into them too
+        torch._foreach_zero_(self._gradients_kept)
+
+    def _capture(self, key: tuple, inputs: StepInputs) -> _ShapeGraph | None:
+        """Record this shape's gradients graph, and the first time the update graph (nothing runs while recording);
+        returns the shape's graph, or None where capturing failed."""
+        first = self._update is None
+        if first:
+            self.learning_rate = torch.tensor(float(self._groups[0][0]), device=self.device)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate  # fused AdamW reads a tensor learning rate on the device
+                group["capturable"] = True
+            self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            for p in self._params:
+                p.grad = torch.zeros_like(p)  # outside the graphs' pool: every shape's graph adds into these
+            self._gradients_kept = [p.grad for p in self._params]
+        static = [[t.clone() for t in micro] for micro in inputs]
         try:
-            gradients, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            graph = torch.cuda.CUDAGraph()
+            pool = next(iter(self._shapes.values())).graph.pool() if self._shapes else None
             with torch._dynamo.config.patch(error_on_recompile=True):
-                with torch.cuda.graph(gradients, capture_error_mode="thread_local"):
-                    self.stats = self._gradients(self.inputs)
-                with torch.cuda.graph(update, pool=gradients.pool(), capture_error_mode="thread_local"):
-                    # the step without its hooks: a hook recording a CUDA event would record it into the graph
-                    self._step(self.stats, lambda: _unhooked_step(self.optimizer))
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    torch._foreach_zero_(self._gradients_kept)
+                    stats = self._gradients(static)
+                    if not first:  # where the update graph reads whether the step is finite
+                        self._stats.copy_(stats)
+                        stats = self._stats
+                if first:
+                    self._stats = stats
+                    update = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(update, pool=graph.pool(), capture_error_mode="thread_local"):
+                        # the step without its hooks: a hook recording a CUDA event would record it into the graph
+                        self._step(stats, lambda: _unhooked_step(self.optimizer))
+                    self._update = update
         except Exception as e:  # noqa: BLE001  whatever the graph cannot hold, the session goes on eagerly
             log.warning("CUDA graphs of the training step could not be captured (%s: %s); this session runs without "
                         "them (slower steps, same results)", type(e).__name__, e)
             self.failed = True
             self.close()
-            return False
-        self._graphs = (gradients, update)
-        self.captured = True
-        return True
+            return None
+        self._shapes[key] = _ShapeGraph(graph, static, stats)
+        return self._shapes[key]
 
     def close(self) -> None:
         """Free the graphs and their memory, and give the optimizer back its plain settings."""
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # nothing still reads the graphs' memory
-        self._graphs = None
-        self.inputs = self.stats = self.learning_rate = None
+        self._shapes.clear()
+        self._update = None
+        self._gradients_kept = self._stats = self.learning_rate = None
         for group, (learning_rate, capturable) in zip(self.optimizer.param_groups, self._groups):
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"] = learning_rate
@@ -165,6 +199,18 @@ class GraphedSteps(EagerSteps):
         if hasattr(self.optimizer, "found_inf"):
             del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class _ShapeGraph:
+    """One batch shape's forward-and-backward graph: the static inputs each step's batch is copied into, and the
+    static [loss, gradient norm] it leaves."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[list[torch.Tensor]], stats: torch.Tensor):
+        self.graph, self.inputs, self.stats = graph, inputs, stats
+
+
+def _shape_key(inputs: StepInputs) -> tuple:
+    return tuple((tuple(t.shape), t.dtype) for t in _flat(inputs))
 
 
 def _unhooked_step(optimizer: torch.optim.Optimizer) -> None:

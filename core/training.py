@@ -66,7 +66,8 @@ class TrainResult:
     state: TrainingState | None = None
     stopped_early: bool = False
     # how the run used the hardware: {"plan": SpeedPlan.describe(), "step_graphs": per training session
-    # "replayed" (its steps replayed from CUDA graphs), "failed" (the capture failed: eager) or "eager"}
+    # "replayed" (its steps replayed from CUDA graphs), "failed" (the capture failed: eager) or "eager",
+    # "step_graph_shapes": per session, the batch shapes that had graphs of their own}
     speed: dict = field(default_factory=dict)
 
 
@@ -214,7 +215,7 @@ class _Run:
         self.resume = resume
         self.adapter = None  # {name: (down, up)} Parameters, made in the first session
         self.optimizer = None
-        self.speed = {"plan": {}, "step_graphs": []}  # TrainResult.speed
+        self.speed = {"plan": {}, "step_graphs": [], "step_graph_shapes": []}  # TrainResult.speed
 
     def attach(self, layers, device: torch.device) -> None:
         """First session: take the fresh layers' Parameters, load a resumed state into them, build the optimizer."""
@@ -460,7 +461,8 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, batches: 
         gradients, flags = _gradients_function(transformer, transformer_options, autocast, config, run, device,
                                                ranks, commits)
         if _graphed(plan, runner, deferred, ranks):
-            steps = step_graphs.GraphedSteps(run.optimizer, gradients, deferred, device, plan.step_graph_warmup)
+            steps = step_graphs.GraphedSteps(run.optimizer, gradients, deferred, device, plan.step_graph_warmup,
+                                             plan.step_graph_shapes)
         else:
             steps = step_graphs.EagerSteps(run.optimizer, gradients, deferred)
 
@@ -494,6 +496,7 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, batches: 
             return True
         finally:
             run.speed["step_graphs"].append(steps.outcome)
+            run.speed["step_graph_shapes"].append(getattr(steps, "shapes_captured", 0))
             steps.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -373,6 +374,16 @@ def cell(measured, missed=0, failure=""):
     return text + (f", {missed} keys not loaded" if missed else "")
 
 
+def same_cell(written: str, measured: str) -> bool:
+    """A README cell against a measurement: the same text, but a "% off" within a tenth of the written one (the
+    last digit moves between CPUs: diffusers' row read 0.22 % on one CI machine and 0.23 % on another)."""
+    off = re.compile(r"(.*, )([0-9.e+-]+) % off(.*)")
+    a, b = off.fullmatch(written), off.fullmatch(measured)
+    if a is None or b is None:
+        return written == measured
+    return a[1] == b[1] and a[3] == b[3] and math.isclose(float(a[2]), float(b[2]), rel_tol=0.1)
+
+
 COMFYUI_COLUMNS = ("0.33.0", "0.3.64")  # the versions CI runs; one column each
 
 
@@ -405,6 +416,7 @@ def test_readme_format_table(lab):
             f.write(head + TABLE_START + "\n" + table + TABLE_END + tail)
     for name, (ours, comfyui, diffusers) in measured.items():
         assert name in rows, f"README's format table lacks the row {name!r}"
-        assert rows[name][1] == ours and rows[name][column - 1] == comfyui and rows[name][4] == diffusers, (
+        cells = rows[name][1], rows[name][column - 1], rows[name][4]
+        assert all(same_cell(w, m) for w, m in zip(cells, (ours, comfyui, diffusers))), (
             f"README row differs from the measurement on ComfyUI {version}: {rows[name]} against "
             f"{[ours, comfyui, diffusers]}")

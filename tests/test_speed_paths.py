@@ -118,8 +118,8 @@ def test_a_session_whose_step_graphs_cannot_be_captured_trains_on_eagerly_and_sa
     eager = train(core, load(core, model_file), data, steps=5, compile="on")
     captures = []
     monkeypatch.setattr(core.step_graphs.GraphedSteps, "_capture",
-                        lambda self, inputs, original=core.step_graphs.GraphedSteps._capture:
-                        captures.append(len(captures)) or original(self, inputs))
+                        lambda self, *args, original=core.step_graphs.GraphedSteps._capture:
+                        captures.append(len(captures)) or original(self, *args))
     with caplog.at_level("WARNING", logger="dev2pro-lora"):  # on the CPU, torch.cuda.CUDAGraph() itself fails
         graphed = train(core, load(core, model_file), data, steps=5, compile="on", speed={"step_graphs": True})
     assert captures == [0], "one capture, at the session's third step, and no retry"
