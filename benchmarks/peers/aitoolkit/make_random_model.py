@@ -5,8 +5,9 @@ usage: make_random_model.py OUT_DIR [--tiny] [--device cuda|cpu]
 Full size: FluxTransformer2DModel 19 double + 38 single blocks, hidden 3072 (24 heads x 128), joint_attention_dim 4096,
 pooled_projection_dim 768, guidance_embeds true; T5-XXL v1.1 encoder (d_model 4096, 24 layers, 64 heads, d_ff 10240,
 gated-gelu); CLIP-L text model (768, 12 layers); Flux VAE (16 latent channels). --tiny: 1 double + 1 single block,
-hidden 128, tiny T5/CLIP/VAE (for the CPU rehearsal). Modules are built on the meta device, given bf16 storage on the device (to_empty), then every
-weight of ndim >= 2 is refilled N(0, 0.02), norm weights 1, other 1-D params 0, and saved with save_pretrained.
+hidden 128, tiny T5/CLIP/VAE (for the CPU rehearsal). Modules are built on the meta device, given bf16 storage on
+the device (to_empty), refilled by ../random_init.py (randn / sqrt(fan_in), norm gains 1, other 1-D params 0) and
+saved with save_pretrained.
 Tokenizers are built offline: T5 from a 1000-piece unigram vocab + 100 extra ids (ids < 32128), CLIP from a
 byte-level vocab (no merges); only the shapes matter (CLIP 77, T5 512 tokens).
 """
@@ -19,26 +20,14 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import random_init  # noqa: E402
+
 T0 = time.time()
 
 
 def log(msg):
     print(f"[make_random_model +{time.time() - T0:.1f}s] {msg}", flush=True)
-
-
-@torch.no_grad()
-def refill(model):
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
-    for mod in model.modules():
-        is_norm = "norm" in type(mod).__name__.lower()
-        for name, p in mod.named_parameters(recurse=False):
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.02, generator=g)
-            elif is_norm and name == "weight":
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return model
 
 
 def build(cls, cfg, device, dtype=torch.bfloat16):
@@ -57,7 +46,7 @@ def build(cls, cfg, device, dtype=torch.bfloat16):
             b.copy_(torch.arange(b.shape[-1], device=b.device).expand_as(b))
         else:
             b.zero_()
-    return refill(m).eval()
+    return random_init.refill(m).eval()
 
 
 def bytes_to_unicode():

@@ -4,14 +4,13 @@ Run with sd-scripts' folder as the working directory (its ``library`` package im
 flux1-dev-fp8.safetensors (BFL layout, 19 + 38 blocks, fp8 e4m3fn: our benchmark's base), clip_l.safetensors and
 t5xxl_bf16.safetensors (bf16), ae.safetensors (bf16), tokenizers/ (tiny offline stand-ins in the folder layout
 ``--tokenizer_cache_dir`` reads: only token ids matter, and T5's are padded to 512), and data/ (one random square PNG
-and its caption). Weights follow benchmarks/train_step.py's random_flux_dev: randn / sqrt(fan_in), norm gains 1,
-biases 0. Every key of each model is written: sd-scripts loads with strict=False and leaves missing ones on meta.
+and its caption). Weights: ../random_init.py, the rule of benchmarks/train_step.py's random_flux_dev. Every key
+of each model is written: sd-scripts loads with strict=False and leaves missing ones on meta.
 
     python make_files.py OUT [--double 19 --single 38] [--size 1024] [--device cuda]
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -21,22 +20,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from library import flux_models, flux_utils  # noqa: E402
+from random_init import random_value  # noqa: E402
 
 
 def random_state(module: torch.nn.Module, dtype, device, seed: int) -> dict:
     g = torch.Generator(device=device).manual_seed(seed)
-    out = {}
-    for name, t in module.state_dict().items():
-        if t.ndim < 2:
-            value = torch.zeros(t.shape, device=device) if name.endswith("bias") else torch.ones(t.shape, device=device)
-            if "norm" not in name and not name.endswith("bias") and t.is_floating_point():
-                value = torch.randn(t.shape, device=device, generator=g) * 0.02
-        else:
-            fan_in = math.prod(t.shape[1:])
-            value = torch.randn(t.shape, device=device, generator=g, dtype=torch.bfloat16) / math.sqrt(fan_in)
-        out[name] = value.to(dtype).contiguous().cpu()
-    return out
+    return {name: random_value(name, t.shape, g, device).to(dtype).contiguous().cpu()
+            for name, t in module.state_dict().items()}
 
 
 def tokenizers(folder: str):

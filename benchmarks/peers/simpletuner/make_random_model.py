@@ -4,7 +4,8 @@ model_index.json, scheduler/, transformer/ (SimpleTuner's own FluxTransformer2DM
 vae/ (AutoencoderKL, Flux's 16-channel config), text_encoder/ (CLIPTextModel, CLIP-L width 768), tokenizer/
 (CLIP BPE built from a tiny byte-level vocab), text_encoder_2/ (T5EncoderModel, T5-XXL v1.1 config: width 4096),
 tokenizer_2/ (T5 Unigram tokenizer built offline). Nothing is downloaded. Weights are built directly on the target
-device in bf16 and refilled with normal(0, 0.02) (norm weights 1, biases 0), then saved as safetensors.
+device in bf16 and refilled by ../random_init.py (randn / sqrt(fan_in), norm gains 1, other 1-D params 0), then
+saved as safetensors.
 
 --tiny: a tiny config of the same architecture for a CPU rehearsal.
 Also writes the training image (random 1024x1024 PNG) and its caption when --dataset DIR is given.
@@ -19,25 +20,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import st_stubs  # noqa: E402
+from random_init import refill  # noqa: E402
 
 st_stubs.install()
 
 
 def log(msg):
     print(f"[make_random_model] {msg}", flush=True)
-
-
-@torch.no_grad()
-def refill(model, std=0.02, seed=0):
-    g = None
-    for name, p in model.named_parameters():
-        if p.ndim == 1 and ("norm" in name or name.endswith("scale")) and not name.endswith("bias"):
-            p.fill_(1.0)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:
-            p.normal_(0.0, std, generator=g)
 
 
 def build(cls_or_fn, dev, dtype):
