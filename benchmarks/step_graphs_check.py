@@ -13,7 +13,7 @@ Prints one JSON line per case: the largest relative loss difference to eager, an
 difference.
 Full-width Flux-dev blocks, shallow (2 double + 4 single) by default:
 
-    python benchmarks/step_graphs_check.py [--depth 2 4] [--resolution 512] [--steps 12]
+    python benchmarks/step_graphs_check.py [--depth 2 4] [--resolution 512] [--steps 12] [--cases batch_shapes ...]
 
 Needs a CUDA GPU and ComfyUI importable (COMFYUI_PATH).
 """
