@@ -7,6 +7,10 @@ sees) records a CUDA event on the current stream; no sync is added. Each finishe
 step PEER_WARMUP (default 3), "process_peak_gib": max_memory_allocated before that reset, "trainable_params": numel
 of the first stepped optimizer's parameters}``. Lines are written once their events have completed (queried, not
 waited for), the rest at exit.
+
+PEER_NO_CUDNN_SDPA=1 turns cuDNN's attention off in SDPA, which torch 2.11 picks first on Hopper: its backward hit
+illegal memory accesses in our own runs (benchmarks/results/2026-11-24_h100_low_vram_crash_isolated.txt), as
+ai-toolkit's did (2026-12-02).
 """
 import atexit
 import json
@@ -55,3 +59,8 @@ if _LOG:
 
     register_optimizer_step_post_hook(_record)
     atexit.register(_at_exit)
+
+if os.environ.get("PEER_NO_CUDNN_SDPA") == "1":
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
