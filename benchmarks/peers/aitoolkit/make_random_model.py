@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import random_init  # noqa: E402
+from offline_tokenizers import clip_byte_vocab  # noqa: E402
 
 T0 = time.time()
 
@@ -49,26 +50,9 @@ def build(cls, cfg, device, dtype=torch.bfloat16):
     return random_init.refill(m).eval()
 
 
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def make_clip_tokenizer(path):
     from transformers import CLIPTokenizer
-    chars = bytes_to_unicode()
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
+    vocab = clip_byte_vocab()
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token="<|endoftext|>")

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import st_stubs  # noqa: E402
 from random_init import refill  # noqa: E402
+from offline_tokenizers import clip_byte_vocab  # noqa: E402
 
 st_stubs.install()
 
@@ -87,21 +88,7 @@ def write_t5_tokenizer(path, vocab_size_hint=32128):
 
 
 def write_clip_tokenizer(path):
-    # byte-level BPE vocab: every byte symbol, with and without the end-of-word suffix, plus the two specials.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    symbols = [chr(c) for c in cs]
-    vocab = {}
-    for s in symbols:
-        vocab[s] = len(vocab)
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
+    vocab = clip_byte_vocab()  # then a few merges and the two specials
     merges = []
     for a, b in [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n")]:
         merges.append(f"{a} {b}")
