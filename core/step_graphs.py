@@ -95,10 +95,6 @@ class GraphedSteps(EagerSteps):
         self._groups = [(g["lr"], g.get("capturable", False)) for g in optimizer.param_groups]
 
     @property
-    def replaying(self) -> bool:
-        return self._update is not None
-
-    @property
     def shapes_captured(self) -> int:
         return len(self._shapes)
 
