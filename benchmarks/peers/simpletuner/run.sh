@@ -13,7 +13,7 @@ set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PEERS="$(cd "$HERE/.." && pwd)"
 PY="${PYTHON:-python3}"
-ST_SITE="${ST_SITE:-/tmp/peer-site}"
+ST_SITE="${ST_SITE:-/tmp/st-site}"  # not ai-toolkit's /tmp/peer-site: its diffusers, pydantic and torchao pins clash
 ST_WORK="${ST_WORK:-/tmp/peers/simpletuner/gpu}"
 OUT="${OUT:-$ST_WORK/out}"
 STAGE=()
