@@ -9,8 +9,9 @@ of the first stepped optimizer's parameters}``. Lines are written once their eve
 waited for), the rest at exit.
 
 PEER_NO_CUDNN_SDPA=1 turns cuDNN's attention off in SDPA, which torch 2.11 picks first on Hopper: its backward hit
-illegal memory accesses in our own runs (benchmarks/results/2026-11-24_h100_low_vram_crash_isolated.txt), as
-ai-toolkit's did (2026-12-02).
+illegal memory accesses in our own runs (benchmarks/results/2026-11-24_h100_low_vram_crash_isolated.txt). ai-toolkit
+crashed with the same error (2026-12-02) and trained with it off, on new random weights as well: which of the two
+changes fixed it is not known.
 """
 import atexit
 import json
