@@ -4,7 +4,7 @@ On one full-size random Flux-dev (fp8 e4m3fn weights, bf16 compute; train_step.r
 ``--steps`` steps on the same fixed dataset (``--images`` random latents at ``--resolution``, each its own random
 caption of 512 tokens), rank 16, lr 1e-4, seed 0:
 
-- ``bf16``: fp8_matmul off (the default);
+- ``bf16``: fp8_matmul off;
 - ``bf16_again``: the same run once more: how far two runs of identical settings land apart (nondeterministic GPU
   kernels, amplified by Adam), the yardstick for the deltas;
 - ``fp8``: fp8_matmul on.

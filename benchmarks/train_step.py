@@ -15,8 +15,8 @@ model and the same latent and caption. Prints one JSON line per configuration:
 - ``comfyui_version`` (every row) and ``comfyui_settings`` (ComfyUI's rows): the ComfyUI in use and every input its
   TrainLoraNode got besides model, latents and conditioning.
 - ``graph_breaks``: dynamo graph breaks during the node's run (0: each block kind compiled whole).
-- loss comparisons (same seed, data and noise): ours against eager (``--eager-too``), fp8_matmul against bf16
-  (``--fp8-too``), without CUDA graphs of the step against with them (``--no-graphs-too``), low-VRAM against fast
+- loss comparisons (same seed, data and noise): ours against eager (``--eager-too``), fp8_matmul on or off against
+  the default, auto (``--fp8-too``, ``--bf16-too``), without CUDA graphs of the step against with them (``--no-graphs-too``), low-VRAM against fast
   mode.
 - ``allocated_after_unload_gib``: GPU memory still allocated once the node returned and the model was unloaded.
 - ``speed_plan``: every speed decision of the row (core.speed_plan.SpeedPlan.describe()).
@@ -27,7 +27,7 @@ model and the same latent and caption. Prints one JSON line per configuration:
   is subtracted from the peak.
 
     python benchmarks/train_step.py [--resolutions 512 1024] [--steps 10] [--warmup 3] [--low-vram 1024]
-                                    [--fp8-too] [--no-graphs-too] [--two-shapes-too] [--eager-too] [--python-wrapper-too] [--attention-too comfyui no_cudnn]
+                                    [--fp8-too] [--bf16-too] [--no-graphs-too] [--two-shapes-too] [--eager-too] [--python-wrapper-too] [--attention-too comfyui no_cudnn]
                                     [--depth 19 38]
                                     [--comfyui-settings default|fastest|both] [--skip-ours]
 
@@ -298,9 +298,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--eager-too", action="store_true", help="also run ours without torch.compile")
     parser.add_argument("--fp8-too", action="store_true", help="also run ours with fp8_matmul on")
+    parser.add_argument("--bf16-too", action="store_true", help="also run ours with fp8_matmul off (bf16 matmuls)")
     parser.add_argument("--no-graphs-too", action="store_true",
                         help="also run ours without CUDA graphs of the step (core.step_graphs), for each matmul setting")
     parser.add_argument("--low-vram-fp8", action="store_true", help="low-VRAM rows with fp8_matmul on")
+    parser.add_argument("--low-vram-bf16", action="store_true", help="low-VRAM rows with fp8_matmul off")
     parser.add_argument("--python-wrapper-too", action="store_true",
                         help="also run ours with Inductor's Python kernel launcher instead of its C++ wrapper")
     parser.add_argument("--fp8-scaling", default="tensor", choices=["tensor", "row"], help="fp8_matmul's activation scaling")
@@ -345,7 +347,8 @@ def main() -> None:
               row["peak_gib"], "GiB", file=sys.stderr, flush=True)
 
     rows = []
-    fp8_low_vram = "on" if a.low_vram_fp8 else "off"
+    fp8_low_vram = "on" if a.low_vram_fp8 else "off" if a.low_vram_bf16 else pack.core.settings.default("fp8_matmul")
+    low_vram_name = {"auto": "Dev2ProTrainLoRA", "on": "Dev2ProTrainLoRA fp8", "off": "Dev2ProTrainLoRA bf16"}[fp8_low_vram]
     # Low-VRAM rows first, as in the README's numbers. (They crashed after an eager session at the same size while
     # swap sessions used cuDNN attention; see the README.)
     for resolution in [] if a.skip_ours else a.low_vram:
@@ -358,7 +361,7 @@ def main() -> None:
         finally:
             del placeholder
             free_everything()
-        rows.append({"trainer": "Dev2ProTrainLoRA fp8" if a.low_vram_fp8 else "Dev2ProTrainLoRA", "resolution": resolution,
+        rows.append({"trainer": low_vram_name, "resolution": resolution,
                      "mode": "low_vram", "emulated_card_gib": a.card_gib, "compile": a.low_vram_compile,
                      "fp8_matmul": fp8_low_vram, **row})
         progress(rows[-1])
@@ -368,6 +371,8 @@ def main() -> None:
         variants = [("Dev2ProTrainLoRA", {"compile": "auto"}, {})]
         if a.fp8_too:
             variants.append(("Dev2ProTrainLoRA fp8", {"compile": "auto", "fp8_matmul": "on"}, {}))
+        if a.bf16_too:
+            variants.append(("Dev2ProTrainLoRA bf16", {"compile": "auto", "fp8_matmul": "off"}, {}))
         if a.no_graphs_too:
             variants += [(f"{name} no step graphs", dict(settings), {"step_graphs": False})
                          for name, settings, _ in variants]
@@ -429,8 +434,8 @@ def main() -> None:
         references = {"low_vram": [("fast", find(r["resolution"], r["trainer"]))]}.get(r["mode"], [])
         if r is fast:
             references.append(("eager", eager))
-        if r["trainer"] == "Dev2ProTrainLoRA fp8":
-            references.append(("bf16", fast))
+        if r["trainer"] in ("Dev2ProTrainLoRA fp8", "Dev2ProTrainLoRA bf16"):
+            references.append(("default", fast))
         if r["trainer"].endswith(" no step graphs"):
             references.append(("step_graphs", find(r["resolution"], r["trainer"].removesuffix(" no step graphs"))))
         for name, reference in references:

@@ -51,7 +51,7 @@ class TrainConfig:
     caption_dropout: float = default("caption_dropout")
     compile: str = default("compile")
     blocks_to_swap: int = default("blocks_to_swap")  # blocks whose weights stay in CPU memory and stream in
-    fp8_matmul: str = default("fp8_matmul")  # on: the fp8 base multiplies on fp8 tensor cores in the forward passes
+    fp8_matmul: str = default("fp8_matmul")  # auto/on: the fp8 base multiplies on fp8 tensor cores in the forward passes
     # Continue Training with a new rate or schedule: the schedule (warmup included) runs over the steps after this
     # one; the rates before it, as JSON [[first step, rate, schedule], ...], for the files' metadata.
     schedule_start: int = 0

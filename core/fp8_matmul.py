@@ -115,17 +115,23 @@ def fits(linear: torch.nn.Module) -> bool:
     return linear.weight.ndim == 2 and linear.weight.shape[0] % 16 == 0 and linear.weight.shape[1] % 16 == 0
 
 
+def _takes(name: str, linear: torch.nn.Module) -> bool:
+    return not name.endswith(SKIPPED_SUFFIXES) and linear.weight.dtype == E4M3 and fits(linear)
+
+
+def has_fp8_base(transformer: torch.nn.Module) -> bool:
+    """Whether ``transformer`` has Linear layers that fp8 matmuls take (fp8_matmul auto turns them on then)."""
+    return any(isinstance(m, torch.nn.Linear) and _takes(name, m) for name, m in transformer.named_modules())
+
+
 @contextlib.contextmanager
-def fp8_base_matmuls(layers: dict, compute_dtype: torch.dtype, rowwise: bool = False, fast: bool = True):
+def fp8_base_matmuls(layers: dict, compute_dtype: torch.dtype, rowwise: bool = False, fast: bool = True,
+                     required: bool = True):
     """Route the base Linear of each LoRA layer in ``layers`` ({name: peft LoraLayer}) through fp8 matmuls for
-    the ``with`` body (``rowwise``, ``fast``: see Fp8BaseLinear). Raises Fp8Unavailable when the base is not fp8."""
-    routed = {}
-    for name, layer in layers.items():
-        base = layer.base_layer
-        if name.endswith(SKIPPED_SUFFIXES) or base.weight.dtype != E4M3 or not fits(base):
-            continue
-        routed[name] = base
-    if not routed:
+    the ``with`` body (``rowwise``, ``fast``: see Fp8BaseLinear). Raises Fp8Unavailable when none of them is fp8,
+    unless not ``required`` (fp8_matmul auto: those layers keep bf16 matmuls then)."""
+    routed = {name: layer.base_layer for name, layer in layers.items() if _takes(name, layer.base_layer)}
+    if not routed and required:
         raise Fp8Unavailable("fp8_matmul 'on' needs the model loaded in fp8 e4m3fn (Dev2ProLoadModel weight_dtype "
                          "fp8_e4m3fn, or an fp8 checkpoint); this model's block weights are not fp8. Set "
                          "fp8_matmul to off, or load the model in fp8")

@@ -15,7 +15,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 TIMESTEP_SAMPLINGS = ("flux_shift", "shift", "sigmoid", "logit_normal", "uniform")
 LOSSES = ("mse", "huber")
 COMPILE_MODES = ("auto", "on", "off")  # auto: compile on CUDA, where it pays; eager elsewhere
-FP8_MATMUL_MODES = ("off", "on")
+FP8_MATMUL_MODES = ("auto", "off", "on")  # auto: on where the GPU and the base can do it
 FLUX_BLOCKS = 57  # Flux.1: 19 double + 38 single blocks
 MAX_STEPS = 100000
 
@@ -107,10 +107,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("compile", "combo", "auto", "torch.compile the transformer blocks: auto = on CUDA GPUs (about a minute of "
        "compiling on the first step and on each new image size, then faster steps); off = plain PyTorch.",
        options=COMPILE_MODES, node="advanced"),
-    _s("fp8_matmul", "combo", "off", "on: an fp8 (e4m3fn) base multiplies on fp8 tensor cores in the forward "
-       "passes, each layer input scaled to fp8 on the fly; gradients stay bf16. Needs an RTX 40xx / L4 / H100 class "
-       "GPU and an fp8 base. On an H100 about 10% faster steps at 512x512 and 1024x1024; the loss stays within 0.2% "
-       "of bf16 compute. off = bf16 matmuls, as ComfyUI does.", options=FP8_MATMUL_MODES, node="advanced"),
+    _s("fp8_matmul", "combo", "auto", "fp8 tensor-core matmuls for an fp8 (e4m3fn) base in the forward passes, each "
+       "layer input scaled to fp8 on the fly; gradients stay bf16. auto = where they run: an fp8 base on an RTX 40xx "
+       "/ L4 / H100 class GPU (bf16 matmuls elsewhere); on = the same, and an error where they cannot run; off = bf16 "
+       "matmuls, as ComfyUI does. On an H200 11-12% less time a step at 512x512 and 1024x1024; after 500 steps the "
+       "adapter's held-out loss was within 0.3% of bf16 training's.", options=FP8_MATMUL_MODES, node="advanced"),
 ]}
 
 

@@ -27,7 +27,7 @@ from . import distributed, speed_plan, step_graphs
 from .blocks import BlockRunner, compiler_settings
 from .config import DEFAULT_TRAINING_GUIDANCE, GUIDANCE_OPTION, InputError, TrainConfig  # noqa: F401 (re-exported)
 from .dataset import BatchPlan, TrainingDataset, mix_seed
-from .fp8_matmul import Fp8Unavailable, fp8_base_matmuls, unsupported_reason
+from .fp8_matmul import Fp8Unavailable, fp8_base_matmuls, has_fp8_base, unsupported_reason
 from .lora_format import LoRAWeights
 from .lora_layers import adapter_parameters, extract_weights, flat_parameters, lora_injected
 from .optimizers import make_optimizer
@@ -289,7 +289,8 @@ def train_lora(model_patcher, dataset: TrainingDataset, config: TrainConfig, on_
     config.validate()
     model_patcher = trainable_patcher(model_patcher)
     check_compatible(model_patcher.model, dataset)
-    plan = speed_plan.plan(config, model_patcher.load_device, **(speed or {}))
+    plan = speed_plan.plan(config, model_patcher.load_device, has_fp8_base(model_patcher.model.diffusion_model),
+                           **(speed or {}))
     if plan.fp8_matmul and (reason := unsupported_reason(model_patcher.load_device)):
         raise Fp8Unavailable(f"{reason}. Set fp8_matmul to off in the advanced settings")
     if resume is not None:
@@ -445,7 +446,8 @@ def _train_session(model_patcher, dataset: TrainingDataset, run: _Run, batches: 
     with torch.inference_mode(False), frozen_base(transformer), \
             lora_injected(transformer, config.rank, config.alpha, config.seed, existing=run.adapter,
                           device=device) as layers, \
-            (fp8_base_matmuls(layers, compute_dtype, plan.fp8_rowwise, plan.fp8_fast_accumulation) if plan.fp8_matmul
+            (fp8_base_matmuls(layers, compute_dtype, plan.fp8_rowwise, plan.fp8_fast_accumulation,
+                              required=config.fp8_matmul == "on") if plan.fp8_matmul
              else contextlib.nullcontext()), \
             block_swap(transformer, plan.blocks_to_swap, device, plan.swap_copy_stream) as swap, \
             compiler_settings(plan), training_mode():

@@ -106,6 +106,17 @@ def test_fp8_matmul_on_a_bf16_model_says_what_to_change(core, model_file):
         train(core, load(core, model_file, torch.bfloat16), latent_dataset(core), steps=1, fp8_matmul="on")
 
 
+def test_auto_finds_an_fp8_base_and_trains_a_bf16_one_with_bf16_matmuls(core, model_file):
+    assert core.fp8_matmul.has_fp8_base(load(core, model_file).model.diffusion_model)
+    bf16 = load(core, model_file, torch.bfloat16)
+    assert not core.fp8_matmul.has_fp8_base(bf16.model.diffusion_model)
+    data = latent_dataset(core)
+    # fp8 matmuls planned (as auto on a GPU) over a base with no fp8 layer: auto trains as off, where on would raise
+    auto = train(core, bf16, data, steps=2, fp8_matmul="auto", speed={"fp8_matmul": True})
+    off = train(core, load(core, model_file, torch.bfloat16), data, steps=2, fp8_matmul="off")
+    assert auto.losses == off.losses
+
+
 def test_compiled_fp8_matmul_trains_like_eager_fp8(core, comfy):
     # the path a GPU takes: the fp8 layer traced into the compiled block, the compiler recomputing it in backward
     # (the suite's 64-wide model: compiling is what costs here, and a narrower model compiles faster)

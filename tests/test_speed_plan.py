@@ -36,6 +36,25 @@ def test_the_settings_decide_their_part_of_the_plan(core):
     assert core.speed_plan.plan(core.training.TrainConfig(compile="on"), torch.device("cpu")).compiled
 
 
+def test_fp8_matmul_auto_is_on_only_for_an_fp8_base_on_a_gpu_that_runs_fp8_matmuls(core, monkeypatch):
+    """The default: an RTX 40xx / H100 with an fp8 base gets fp8 matmuls; an RTX 3090, a bf16 base or the CPU get
+    bf16 matmuls and no error (fp8_matmul on raises there instead)."""
+    config = core.training.TrainConfig()
+    assert config.fp8_matmul == "auto"
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # RTX 4090
+    fp8 = core.speed_plan.plan(config, cuda, fp8_base=True)
+    budgets = core.speed_plan.RECOMPUTE_MEMORY_BUDGETS
+    assert fp8.fp8_matmul and fp8.recompute_budgets[("double", False)] == budgets["double", True, False]
+    assert not core.speed_plan.plan(config, cuda, fp8_base=False).fp8_matmul
+    assert not core.speed_plan.plan(config, torch.device("cpu"), fp8_base=True).fp8_matmul
+    assert not core.speed_plan.plan(core.training.TrainConfig(fp8_matmul="off"), cuda, fp8_base=True).fp8_matmul
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))  # RTX 3090
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    assert not core.speed_plan.plan(config, cuda, fp8_base=True).fp8_matmul
+    assert core.speed_plan.plan(core.training.TrainConfig(fp8_matmul="on"), cuda, fp8_base=True).fp8_matmul
+
+
 def test_overrides_replace_single_decisions_and_unknown_ones_are_refused(core):
     config = core.training.TrainConfig()
     gpu = core.speed_plan.plan(config, torch.device("cuda"), step_graphs=False,
